@@ -9,16 +9,16 @@ __all__ = ['Size2', 'PRESETS', 'SECTIONS', 'STAGES', 'STAGE_MODULES', 'IGNORE_IN
            'poly_factor', 'split_batch', 'DistEnv', 'init_distributed', 'all_reduce_sum', 'mix_seed',
            'GlobalBatchSampler', 'seeded_rngs', 'SeededSamples', 'InfiniteLoader', 'register_stage', 'get_stage',
            'Stage', 'segmentation_ce', 'SourceOnly', 'atomic_save', 'rng_states', 'set_rng_states', 'load_checkpoint',
-           'sliding_logits', 'evaluate', 'headline_miou', 'NonFiniteLossError', 'autocast_for', 'build_datasets',
-           'build_network', 'Trainer']
+           'sliding_logits', 'evaluate', 'headline_classes', 'headline_miou', 'NonFiniteLossError', 'autocast_for',
+           'build_datasets', 'build_network', 'Trainer']
 
-# %% ../nbs/05_engine.ipynb #80658505
+# %% ../nbs/05_engine.ipynb #1869d184
 import contextlib, dataclasses, difflib, inspect, json, math, os, random, tempfile, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Optional, Tuple, Union, get_type_hints, get_origin, get_args
 
-# %% ../nbs/05_engine.ipynb #f2d9dc6c
+# %% ../nbs/05_engine.ipynb #ac7d21f8
 import numpy as np
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, DistributedSampler, Subset
 
-# %% ../nbs/05_engine.ipynb #a392f964
+# %% ../nbs/05_engine.ipynb #9b923402
 Size2 = Tuple[int, int]
 
 @dataclass
@@ -83,7 +83,7 @@ class EvalConfig:
     mode: str = "whole"                # whole | slide
     crop: Optional[Size2] = None       # slide window (width, height)
     stride: Optional[Size2] = None     # slide stride (width, height); None = 2/3 of the window
-    num_classes: int = 19              # headline mIoU over 19, 16 (SYNTHIA) or 13 classes
+    classes: str = "19"                # headline mIoU over: 19 | 16 | 13 (SYNTHIA's subsets) | synthcity (its 11)
 
 @dataclass
 class RunConfig:
@@ -112,10 +112,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-# %% ../nbs/05_engine.ipynb #2cd0672a
+# %% ../nbs/05_engine.ipynb #7a92aba5
 def _synthcity() -> Config:
     c = Config()
     c.data.hflip = True                # SynthCity's own augmentation: flip, zoom 1-1.25x, crop back to 64x128
+    c.optim = OptimConfig(batch_size=16, lr=0.1)   # a small network trained from scratch takes a large lr
+    c.schedule = ScheduleConfig(iters=1000)
+    c.eval = EvalConfig(classes="synthcity")        # SynthCity draws 11 of the 19 classes
     return c
 
 def _gta5_to_cityscapes() -> Config:
@@ -125,14 +128,14 @@ def _gta5_to_cityscapes() -> Config:
     c.model = ModelConfig(name="deeplab_r101", head="proda")
     c.optim = OptimConfig(batch_size=4, lr=2.5e-4, head_lr_mult=10.0, momentum=0.9, weight_decay=2e-4)
     c.schedule = ScheduleConfig(iters=62000, poly_iters=90000, power=0.9)
-    c.eval = EvalConfig(mode="whole", num_classes=19)
+    c.eval = EvalConfig(mode="whole", classes="19")
     c.run = RunConfig(out="runs/gta5_to_cityscapes", log_every=50, eval_every=2000, ckpt_every=2000)
     return c
 
 def _synthia_to_cityscapes() -> Config:
     c = _gta5_to_cityscapes()
     c.data.source = "synthia"
-    c.eval.num_classes = 16
+    c.eval.classes = "16"
     c.run.out = "runs/synthia_to_cityscapes"
     return c
 
@@ -144,7 +147,7 @@ def get_config(name:str="synthcity") -> Config:
     if name not in PRESETS: raise ValueError(f"unknown config {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]()
 
-# %% ../nbs/05_engine.ipynb #bce7b8ce
+# %% ../nbs/05_engine.ipynb #0e6cde04
 SECTIONS = ("data", "model", "optim", "schedule", "eval", "run")
 
 def option_types(cfg:Config=None) -> dict:
@@ -200,7 +203,7 @@ def config_from_dict(d:dict) -> Config:
             set_option(cfg, f"{sec}.{k}", v)
     return cfg
 
-# %% ../nbs/05_engine.ipynb #c1375ae7
+# %% ../nbs/05_engine.ipynb #70df3120
 def poly_factor(iteration:int, horizon:int, power:float=0.9) -> float:
     "Multiplier of the base learning rate at optimizer step `iteration` (0 at and after `horizon`)."
     return max(0.0, 1.0 - iteration / horizon) ** power
@@ -212,7 +215,7 @@ def split_batch(global_batch:int, world_size:int=1, accum_steps:int=1) -> int:
                          f"({world_size}) x optim.accum_steps ({accum_steps})")
     return global_batch // (world_size * accum_steps)
 
-# %% ../nbs/05_engine.ipynb #8be7e4d7
+# %% ../nbs/05_engine.ipynb #fc0db791
 @dataclass
 class DistEnv:
     "Rank, world size and device of this process."
@@ -243,7 +246,7 @@ def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(t)
     return t
 
-# %% ../nbs/05_engine.ipynb #05320bef
+# %% ../nbs/05_engine.ipynb #7d36300b
 def mix_seed(*values:int) -> int:
     "A well-mixed 32-bit seed from a tuple of non-negative integers."
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
@@ -293,7 +296,7 @@ class SeededSamples(Dataset):
         index, seed = key
         with seeded_rngs(seed): return self.dataset[index]
 
-# %% ../nbs/05_engine.ipynb #6e8d3920
+# %% ../nbs/05_engine.ipynb #06c09fbd
 def _worker_init(worker_id:int):
     s = torch.initial_seed() % 2**32
     random.seed(s); np.random.seed(s)
@@ -320,7 +323,7 @@ class InfiniteLoader:
             yield from loader
             epoch, k = epoch + 1, 0
 
-# %% ../nbs/05_engine.ipynb #70aae125
+# %% ../nbs/05_engine.ipynb #6f14683a
 STAGES = {}
 # stages that live in later modules: imported on first use, so `--stage warmup` works without importing them by hand
 STAGE_MODULES = {"warmup": "proda_nb.warmup", "stage1": "proda_nb.stage1",
@@ -363,7 +366,7 @@ class Stage:
         return {}
     def load_state_dict(self, state:dict): pass
 
-# %% ../nbs/05_engine.ipynb #5d0ebab7
+# %% ../nbs/05_engine.ipynb #0bdb71a7
 IGNORE_INDEX = 255
 
 def segmentation_ce(logits:torch.Tensor, labels:torch.Tensor, ignore_index:int=IGNORE_INDEX) -> torch.Tensor:
@@ -381,7 +384,7 @@ class SourceOnly(Stage):
         loss = segmentation_ce(logits, src["label"])
         return loss, {"loss_source_ce": loss.detach()}
 
-# %% ../nbs/05_engine.ipynb #31adce0d
+# %% ../nbs/05_engine.ipynb #b7f321bc
 def atomic_save(obj, path) -> Path:
     "`torch.save(obj)` to `path` atomically: temp file in the same folder, fsync, `os.replace`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +424,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/05_engine.ipynb #7eb380e6
+# %% ../nbs/05_engine.ipynb #18a6779d
 def sliding_logits(model:nn.Module, image:torch.Tensor, window:Size2, stride:Optional[Size2]=None) -> torch.Tensor:
     "Logits (B,K,H,W) at the image's resolution from overlapping `window`=(w,h) crops, averaged where they overlap."
     B, _, H, W = image.shape
@@ -468,16 +471,25 @@ def evaluate(model:nn.Module, dataset, cfg:Config=None, env:DistEnv=None, autoca
     model.train(was_training)
     return cm
 
-HEADLINE_CLASSES = {19: None, 16: "SYNTHIA_16", 13: "SYNTHIA_13"}
+HEADLINE_CLASSES = {"19": ("labels", None, "all 19 classes"),
+                    "16": ("labels", "SYNTHIA_16", "SYNTHIA's 16 classes"),
+                    "13": ("labels", "SYNTHIA_13", "SYNTHIA's 13 classes"),
+                    "synthcity": ("synthcity", "SYNTHCITY_CLASSES", "SynthCity's 11 classes")}
 
-def headline_miou(cm, num_classes:int=19) -> float:
-    "mIoU (percent) over all 19 classes, or SYNTHIA's 16 or 13."
-    from proda_nb import labels
-    if num_classes not in HEADLINE_CLASSES: raise ValueError(f"eval.num_classes must be 19, 16 or 13, got {num_classes}")
-    key = HEADLINE_CLASSES[num_classes]
-    return float(cm.miou(None if key is None else getattr(labels, key)))
+def headline_classes(classes:str="19"):
+    "The train ids (None = all) and a description of the `eval.classes` setting."
+    import importlib
+    if str(classes) not in HEADLINE_CLASSES:
+        raise ValueError(f"eval.classes must be one of {', '.join(HEADLINE_CLASSES)}, got {classes!r}")
+    module, name, text = HEADLINE_CLASSES[str(classes)]
+    ids = None if name is None else getattr(importlib.import_module(f"proda_nb.{module}"), name)
+    return ids, text
 
-# %% ../nbs/05_engine.ipynb #eb9431bc
+def headline_miou(cm, classes:str="19") -> float:
+    "mIoU (percent) over the classes that `eval.classes` names (all 19, SYNTHIA's 16 or 13, SynthCity's 11)."
+    return float(cm.miou(headline_classes(classes)[0]))
+
+# %% ../nbs/05_engine.ipynb #b8897b5d
 class NonFiniteLossError(FloatingPointError):
     "Raised when a step's loss is NaN or infinite; the weights are left as after the previous step."
 
@@ -550,7 +562,7 @@ def _param_groups(model, cfg:Config) -> list:
     if hasattr(model, "param_groups"): return model.param_groups(cfg.optim.lr, cfg.optim.head_lr_mult)
     return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
 
-# %% ../nbs/05_engine.ipynb #682db42e
+# %% ../nbs/05_engine.ipynb #4b20b8e1
 class Trainer:
     "Builds model, optimizer, schedule, loaders and stage from `cfg`; `fit()` trains, evaluates and checkpoints."
     def __init__(self, cfg:Config, stage:Stage=None, env:DistEnv=None, model:nn.Module=None, datasets:dict=None):
@@ -704,8 +716,8 @@ class Trainer:
         from proda_nb.metrics import iou_per_class
         self.metrics = {"iteration": self.iteration, "iou": [None if math.isnan(x) else float(x) for x in iou_per_class(cm.matrix).tolist()]}  # None: class absent
         if cm.num_classes == 19:
-            self.metrics.update(miou=headline_miou(cm, self.cfg.eval.num_classes),
-                                **{f"miou{k}": headline_miou(cm, k) for k in (19, 16, 13)})
+            self.metrics.update(miou=headline_miou(cm, self.cfg.eval.classes),
+                                **{f"miou{k}": headline_miou(cm, k) for k in ("19", "16", "13")})
         else: self.metrics["miou"] = float(cm.miou())
         self.confusion = cm
         return cm

@@ -5,18 +5,18 @@
 # %% auto #0
 __all__ = ['SHORTCUTS', 'build_parser', 'parse_args', 'evaluate_checkpoint', 'run', 'worker', 'launch', 'main']
 
-# %% ../nbs/06_train.ipynb #7b05e33c
+# %% ../nbs/06_train.ipynb #23379a1c
 import argparse, difflib, os, sys, uuid
 from pathlib import Path
 
-# %% ../nbs/06_train.ipynb #3867f17d
+# %% ../nbs/06_train.ipynb #0b063b34
 import torch
 import torch.distributed as dist
 from .engine import (Config, PRESETS, STAGES, STAGE_MODULES, get_config, set_option, option_types, get_stage,
                              Trainer, NonFiniteLossError, init_distributed, build_network, build_datasets, evaluate,
-                             load_checkpoint, headline_miou, autocast_for, split_batch)
+                             load_checkpoint, headline_miou, headline_classes, autocast_for, split_batch)
 
-# %% ../nbs/06_train.ipynb #fb9225c2
+# %% ../nbs/06_train.ipynb #480d6f5d
 SHORTCUTS = {"data_root": "data.root", "out": "run.out", "seed": "run.seed", "stop_after": "run.stop_after"}
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> tuple:
     if args.eval_only and not args.checkpoint: p.error("--eval-only needs --checkpoint PATH")
     return args, cfg
 
-# %% ../nbs/06_train.ipynb #80971ecc
+# %% ../nbs/06_train.ipynb #4180e86e
 def _limit_threads(env, cfg):
     "On the CPU, share the cores between the local processes unless run.threads or OMP_NUM_THREADS say otherwise."
     if cfg.run.threads: torch.set_num_threads(cfg.run.threads)
@@ -100,7 +100,7 @@ def run(args, cfg:Config) -> int:
         if args.eval_only:
             cm = evaluate_checkpoint(cfg, args.checkpoint, env, args.eval_ema)
             if env.is_main:
-                print(cm.table()); print(f"mIoU ({cfg.eval.num_classes} classes): {headline_miou(cm, cfg.eval.num_classes):.2f}")
+                print(cm.table()); print(f"mIoU ({headline_classes(cfg.eval.classes)[1]}): {headline_miou(cm, cfg.eval.classes):.2f}")
             return 0
         try: trainer = Trainer(cfg, env=env)
         except (FileNotFoundError, ValueError) as e:       # missing data, bad setting: the message says which
@@ -114,7 +114,7 @@ def run(args, cfg:Config) -> int:
             if metrics is None: print(f"stopped after step {trainer.iteration}; continue with --resume", flush=True)
             else:
                 print(trainer.confusion.table())
-                print(f"target val mIoU ({cfg.eval.num_classes} classes): {metrics['miou']:.2f}  "
+                print(f"target val mIoU ({headline_classes(cfg.eval.classes)[1]}): {metrics['miou']:.2f}  "
                       f"[{cfg.stage}, {trainer.iteration} steps, global batch {cfg.optim.batch_size}, "
                       f"{env.world_size} process(es)]  -> {cfg.run.out}", flush=True)
         return 0
@@ -153,5 +153,5 @@ def main(argv=None) -> int:
         return launch(argv, args.gpus)
     return run(args, cfg)
 
-# %% ../nbs/06_train.ipynb #571c7f54
+# %% ../nbs/06_train.ipynb #1c780fc6
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())
