@@ -3,8 +3,8 @@
     python benchmarks/bench_step.py [--deeplab-steps 2] [--synthcity-steps 20] [--skip-deeplab]
 
 Measures, in one run:
-1. SynthCityNet, global batch 8 at 64x128 (the `synthcity` preset), one process;
-2. the same global batch with DDP over 2 CPU processes (gloo, 4 images each), and its ratio to (1);
+1. SynthCityNet, the preset's global batch at 64x128 (the `synthcity` preset), one process;
+2. the same global batch with DDP over 2 CPU processes (gloo, half the batch each), and its ratio to (1);
 3. ResNet-101 DeepLab with the release's head at the release's crop (896x512), batch 1 (after one warm-up step).
 Every step is `Trainer.train_step`: forward, source cross-entropy, backward, SGD, schedule, BN bookkeeping.
 Peak memory: the process's peak RSS on the CPU, `torch.cuda.max_memory_allocated` on CUDA.
@@ -50,6 +50,9 @@ def time_steps(cfg, model, data, env, steps, warmup=1):
     return (time.perf_counter() - t) / steps, peak_memory_mb(env.device)
 
 
+SYNTHCITY_BATCH = get_config("synthcity").optim.batch_size   # the preset's global batch
+
+
 def synthcity_config(device):
     cfg = get_config("synthcity"); cfg.run.device = device
     return cfg
@@ -66,7 +69,7 @@ def _ddp_worker(rank, world, port, steps, queue):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     env = init_distributed("cpu")
-    sec, mem = time_steps(synthcity_config("cpu"), synthcity_model(), Fixed(8, 64, 128), env, steps, warmup=2)
+    sec, mem = time_steps(synthcity_config("cpu"), synthcity_model(), Fixed(SYNTHCITY_BATCH, 64, 128), env, steps, warmup=2)
     if rank == 0: queue.put((sec, mem))
     torch.distributed.destroy_process_group()
 
@@ -89,17 +92,17 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if cuda else f'CPU, {threads} threads'}; torch {torch.__version__}")
     env = DistEnv(device=device)
 
-    sec1, mem1 = time_steps(synthcity_config(device.type), synthcity_model(), Fixed(8, 64, 128), env,
+    sec1, mem1 = time_steps(synthcity_config(device.type), synthcity_model(), Fixed(SYNTHCITY_BATCH, 64, 128), env,
                             args.synthcity_steps, warmup=2)
-    print(f"SynthCityNet   batch 8 @ 64x128, 1 process ({threads} threads): {sec1:.4f} s/step, peak "
+    print(f"SynthCityNet   batch {SYNTHCITY_BATCH} @ 64x128, 1 process ({threads} threads): {sec1:.4f} s/step, peak "
           f"{'allocated' if cuda else 'RSS'} {mem1:.0f} MiB")
     sec1t = None
     if not cuda and threads > 1:
         torch.set_num_threads(1)
-        sec1t, _ = time_steps(synthcity_config("cpu"), synthcity_model(), Fixed(8, 64, 128), env,
+        sec1t, _ = time_steps(synthcity_config("cpu"), synthcity_model(), Fixed(SYNTHCITY_BATCH, 64, 128), env,
                               args.synthcity_steps, warmup=2)
         torch.set_num_threads(threads)
-        print(f"SynthCityNet   batch 8 @ 64x128, 1 process (1 thread): {sec1t:.4f} s/step")
+        print(f"SynthCityNet   batch {SYNTHCITY_BATCH} @ 64x128, 1 process (1 thread): {sec1t:.4f} s/step")
 
     ctx = mp.get_context("spawn"); q = ctx.Queue()
     port = free_port()
@@ -107,7 +110,7 @@ def main():
     for pr in procs: pr.start()
     sec2, mem2 = q.get(timeout=900)
     for pr in procs: pr.join()
-    print(f"SynthCityNet   batch 8 @ 64x128, DDP 2 CPU processes x 1 thread (gloo, 4 images each): {sec2:.4f} s/step, "
+    print(f"SynthCityNet   batch {SYNTHCITY_BATCH} @ 64x128, DDP 2 CPU processes x 1 thread (gloo, {SYNTHCITY_BATCH // 2} images each): {sec2:.4f} s/step, "
           f"peak RSS rank 0 {mem2:.0f} MiB")
     print(f"DDP(2 CPU processes) / single process step time: {sec2 / sec1:.2f} (vs {threads} threads)"
           + (f", {sec2 / sec1t:.2f} (vs 1 thread)" if sec1t else ""))
