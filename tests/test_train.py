@@ -118,3 +118,24 @@ def test_setup_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["--config", "gta5_to_cityscapes", "--data-root", str(tmp_path), "--run.progress", "false"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "gta5") in err
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    "SIGKILL a real run once a checkpoint is on disk; `--resume` must end exactly where an uninterrupted run ends."
+    import signal, time
+    args = [*TINY, "--schedule.iters", "40", "--run.ckpt_every", "5"]
+    full = tmp_path / "full"; cli([*args, "--out", str(full)])
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.train", *args, "--out", str(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    at_kill = weights(killed)["iteration"]
+    assert at_kill < 40, "the run finished before it could be killed; make it longer"
+    cli([*args, "--out", str(killed), "--resume"])
+    a, b = weights(full), weights(killed)
+    assert b["iteration"] == 40 and max_diff(a["model"], b["model"]) == 0.0
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert ma["miou"] == mb["miou"] and ma["iou"] == mb["iou"]
