@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['Size2', 'PRESETS', 'SECTIONS', 'STAGES', 'STAGE_MODULES', 'IGNORE_INDEX', 'HEADLINE_CLASSES', 'AMP_DTYPES',
-           'DataConfig', 'ModelConfig', 'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'RunConfig', 'Config',
-           'get_config', 'option_types', 'parse_value', 'set_option', 'config_to_dict', 'config_from_dict',
+           'DataConfig', 'ModelConfig', 'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'RunConfig', 'Stage1Config',
+           'Config', 'get_config', 'option_types', 'parse_value', 'set_option', 'config_to_dict', 'config_from_dict',
            'poly_factor', 'split_batch', 'DistEnv', 'init_distributed', 'all_reduce_sum', 'mix_seed',
            'GlobalBatchSampler', 'seeded_rngs', 'SeededSamples', 'InfiniteLoader', 'register_stage', 'get_stage',
            'Stage', 'segmentation_ce', 'SourceOnly', 'atomic_save', 'rng_states', 'set_rng_states', 'load_checkpoint',
@@ -102,6 +102,27 @@ class RunConfig:
     threads: int = 0                   # torch CPU threads per process (0 = torch's default)
 
 @dataclass
+class Stage1Config:
+    "ProDA stage 1 (`--stage stage1`, notebook 12): pseudo-label denoising and structure learning; one switch per loss term."
+    init: str = ""                     # previous stage's checkpoint ('' = RUN.OUT/checkpoint.pt; stage 1 then writes to RUN.OUT/stage1)
+    soft_labels: str = ""              # offline soft-label store p_t0 ('' = beside the init checkpoint, built when missing)
+    init_adabn: bool = True            # re-estimate the init model's BatchNorm statistics on target images first
+    denoise: bool = True               # rectify the offline labels with prototype weights (False: argmax of p_t0)
+    sce: bool = True                   # symmetric cross-entropy on the target (False: plain cross-entropy)
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    gamma1: float = 10.0               # weight of KL(z_weak_teacher || z_strong_student) (0 = no structure learning)
+    gamma2: float = 0.1                # weight of the entropy regulariser (0 = off)
+    tau: float = 1.0                   # temperature of the prototype soft assignment
+    proto_momentum: float = 0.9999     # lambda of the prototype moving average
+    proto_min_pixels: int = 10         # a class updates its prototype only with this many pixels in the batch
+    ema_momentum: float = 0.999        # m of the momentum encoder
+    weak_crop: Optional[Size2] = None  # weak view crop (width, height) of the full target image (None = whole image)
+    bn_stats: str = "target"           # student's BN running statistics from: target (weak views only) | all (every pass)
+    iters: int = 0                     # stage-1 steps (0 = schedule.iters; SynthCity: 250)
+    lr: float = 0.0                    # stage-1 learning rate (0 = optim.lr; SynthCity: 0.02)
+
+@dataclass
 class Config:
     "A complete run: `stage` names the loss (see `STAGES`), the sections say everything else."
     stage: str = "source_only"
@@ -111,6 +132,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
 
 # %% ../nbs/05_engine.ipynb #7a92aba5
 def _synthcity() -> Config:
@@ -119,6 +141,7 @@ def _synthcity() -> Config:
     c.optim = OptimConfig(batch_size=16, lr=0.1)   # a small network trained from scratch takes a large lr
     c.schedule = ScheduleConfig(iters=1000)
     c.eval = EvalConfig(classes="synthcity")        # SynthCity draws 11 of the 19 classes
+    c.stage1 = Stage1Config(iters=250, lr=0.02, weak_crop=(96, 48))   # stage 1: about a minute on two cores
     return c
 
 def _gta5_to_cityscapes() -> Config:
@@ -130,6 +153,7 @@ def _gta5_to_cityscapes() -> Config:
     c.schedule = ScheduleConfig(iters=62000, poly_iters=90000, power=0.9)
     c.eval = EvalConfig(mode="whole", classes="19")
     c.run = RunConfig(out="runs/gta5_to_cityscapes", log_every=50, eval_every=2000, ckpt_every=2000)
+    c.stage1 = Stage1Config(init_adabn=False, weak_crop=(896, 512), lr=1e-4)   # the release's stage 1
     return c
 
 def _synthia_to_cityscapes() -> Config:
@@ -148,7 +172,7 @@ def get_config(name:str="synthcity") -> Config:
     return PRESETS[name]()
 
 # %% ../nbs/05_engine.ipynb #0e6cde04
-SECTIONS = ("data", "model", "optim", "schedule", "eval", "run")
+SECTIONS = ("data", "model", "optim", "schedule", "eval", "run", "stage1")
 
 def option_types(cfg:Config=None) -> dict:
     "Every overridable dotted name -> its type, in declaration order (`stage` plus `section.field`)."

@@ -1,0 +1,154 @@
+"Integration tests of ProDA stage 1 (proda_nb.stage1): switches, CLI, missing init, two-process DDP."
+import dataclasses, os, subprocess, sys, textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proda_nb.engine import get_config, Trainer, atomic_save, load_checkpoint
+from proda_nb.models import build_model
+from proda_nb.stage1 import Stage1
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--data.synthcity_n", "8", "--data.max_val", "4", "--optim.batch_size", "4", "--run.progress", "false",
+        "--run.tensorboard", "false", "--run.threads", "1"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init") / "checkpoint.pt"
+    torch.manual_seed(0)
+    atomic_save({"model": build_model("synthcity_net").state_dict()}, path)
+    return path
+
+
+def _trainer(tmp, init, **overrides):
+    cfg = get_config("synthcity")
+    cfg.stage = "stage1"
+    cfg.data.synthcity_n, cfg.data.max_val, cfg.optim.batch_size = 8, 4, 4
+    cfg.run.out, cfg.run.progress, cfg.run.tensorboard, cfg.run.threads = str(tmp), False, False, 1
+    cfg.stage1.init, cfg.stage1.iters = str(init), 2
+    return Trainer(cfg, stage=Stage1(**overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, init_ckpt):
+    tr = _trainer(tmp_path_factory.mktemp("run"), init_ckpt)
+    dl = lambda k: next(iter(torch.utils.data.DataLoader(tr.datasets[k], batch_size=2)))
+    return tr, {"source": dl("source"), "target": dl("target")}
+
+
+def _loss(tr, batch, **settings):
+    st = tr.stage
+    st.s, protos = dataclasses.replace(st.s, **settings), st.prototypes.clone()
+    torch.manual_seed(123)
+    try: return st.compute_loss(batch)
+    finally: st.prototypes = protos         # every call starts from the same prototypes
+
+
+def test_switches_change_the_loss_as_expected(tiny):
+    tr, batch = tiny
+    full, logs = _loss(tr, batch, gamma1=10.0, gamma2=0.1, sce=True, denoise=True)
+    assert logs["loss_kl"] > 0 and logs["loss_reg"] > 0
+    parts = logs["loss_source_ce"] + logs["loss_target"] + 10 * logs["loss_kl"] + 0.1 * logs["loss_reg"]
+    assert abs(full.item() - parts.item()) < 1e-4
+    # gamma1 = 0 removes exactly the KL term (same views: same seed), gamma2 = 0 the regulariser
+    no_kl, l2 = _loss(tr, batch, gamma1=0.0, gamma2=0.1, sce=True, denoise=True)
+    assert l2["loss_kl"].item() == 0.0
+    assert abs(no_kl.item() - (full.item() - 10 * logs["loss_kl"].item())) < 1e-3
+    no_reg, l3 = _loss(tr, batch, gamma1=0.0, gamma2=0.0, sce=True, denoise=True)
+    assert l3["loss_reg"].item() == 0.0 and abs(no_reg.item() - (no_kl.item() - 0.1 * l2["loss_reg"].item())) < 1e-3
+    # sce=False is plain cross-entropy: equal to SCE with alpha=1, beta=0, different from the default SCE
+    ce, l4 = _loss(tr, batch, gamma1=0.0, gamma2=0.0, sce=False, denoise=True)
+    sce10, l5 = _loss(tr, batch, gamma1=0.0, gamma2=0.0, sce=True, sce_alpha=1.0, sce_beta=0.0, denoise=True)
+    assert abs(l4["loss_target"].item() - l5["loss_target"].item()) < 1e-5
+    assert abs(l4["loss_target"].item() - l3["loss_target"].item()) > 1e-3
+
+
+def test_denoise_switch_rectifies_labels(tiny):
+    tr, batch = tiny
+    st, images, idx = tr.stage, batch["target"]["image"], batch["target"]["index"]
+    st.s = dataclasses.replace(st.s, denoise=False)
+    feats, _, plain = st.teacher_labels(images, idx)
+    soft = st.store.get(idx)
+    assert soft.shape[-2:] == feats.shape[-2:]
+    assert torch.equal(plain, soft.argmax(1))
+    st.s = dataclasses.replace(st.s, denoise=True, tau=1.0)
+    _, _, rect = st.teacher_labels(images, idx)
+    # by hand: weights = softmax_k(-||f - eta_k||) over the classes that have a prototype
+    protos = st.prototypes
+    ok = torch.isfinite(protos).all(1)
+    f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double()
+    d = torch.cdist(f, protos[ok].double())                                  # (N, K')
+    w = torch.zeros(f.shape[0], protos.shape[0], dtype=torch.float64)
+    w[:, ok] = torch.softmax(-d, 1)
+    p = soft.permute(0, 2, 3, 1).reshape(-1, soft.shape[1]).double()
+    expected = (w * p).argmax(1).view(plain.shape)
+    assert (rect == expected).float().mean() > 0.999
+    st.s = dataclasses.replace(st.s, denoise=True)
+
+
+def test_missing_init_says_which_command_to_run(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "stage1", "--out", str(tmp_path / "nothing"),
+                        *TINY], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "checkpoint.pt does not exist" in r.stderr and f"python -m proda_nb.train --out {tmp_path / 'nothing'}" in r.stderr
+    assert "--stage1.init" in r.stderr
+
+
+def test_end_to_end_cli(tmp_path, init_ckpt):
+    out = tmp_path / "s1"
+    r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "stage1", "--stage1.init", str(init_ckpt),
+                        "--stage1.iters", "3", "--stage1.proto_momentum", "0.5", "--out", str(out), *TINY],
+                       capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "target val mIoU" in r.stdout
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["iteration"] == 3 and ck["stage"]["name"] == "stage1"
+    assert ck["prototypes"].shape == (19, 64) and ck["ema_model"].keys() == ck["model"].keys()
+    init = load_checkpoint(init_ckpt)["model"]
+    w = "classifier.weight"
+    # the EMA moved (a little) from the init towards the student: 0 < |ema - init| < |student - init|
+    d_ema, d_student = (ck["ema_model"][w] - init[w]).norm(), (ck["model"][w] - init[w]).norm()
+    assert 0 < d_ema < d_student
+    assert list(init_ckpt.parent.glob("soft_labels_*_adabn.bin")), "the store is written beside the init checkpoint"
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    from proda_nb.engine import get_config, Trainer, init_distributed
+    out, init = sys.argv[1], sys.argv[2]
+    cfg = get_config("synthcity"); cfg.stage = "stage1"
+    cfg.data.synthcity_n, cfg.data.max_val, cfg.optim.batch_size = 8, 4, 4
+    cfg.run.out, cfg.run.progress, cfg.run.tensorboard, cfg.run.threads = out, False, False, 1
+    cfg.stage1.init, cfg.stage1.iters, cfg.stage1.proto_momentum = init, 3, 0.5
+    env = init_distributed("cpu")
+    tr = Trainer(cfg, env=env)
+    start = tr.stage.prototypes.clone()
+    tr.fit()
+    torch.save({"prototypes": tr.stage.prototypes, "start": start, "ema": tr.stage.ema_model.state_dict(),
+                "model": tr.raw_model.state_dict()}, f"{out}/rank{env.rank}.pt")
+""")
+
+
+def test_two_processes_keep_identical_prototypes_and_ema(tmp_path, init_ckpt):
+    script = tmp_path / "worker.py"; script.write_text(WORKER)
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(out), str(init_ckpt)], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    a, b = (torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    ok = torch.isfinite(a["prototypes"]).all(1)
+    assert ok.any() and torch.equal(ok, torch.isfinite(b["prototypes"]).all(1))
+    assert not torch.allclose(a["prototypes"][ok], a["start"][ok]), "the prototypes must have moved"
+    assert torch.allclose(a["prototypes"][ok], b["prototypes"][ok], atol=1e-6)
+    for k in a["ema"]:
+        assert torch.allclose(a["ema"][k].float(), b["ema"][k].float(), atol=1e-6), k
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
