@@ -13,7 +13,7 @@ For two sizes, ProDA's (19 x 128 x 256 per image, Cityscapes at 1/8) and SynthCi
 With --checkpoint (a source-only/warm-up checkpoint of `python -m proda_nb.train`), it also measures the agreement
 on the real predictions of that model on SynthCity's target_train split.
 """
-import argparse, os, tempfile, time
+import argparse, tempfile, time
 from pathlib import Path
 
 import numpy as np

@@ -12,11 +12,10 @@ machine load affects both; the medians are reported. Target: ratio <= 1.10.
 import argparse, statistics, time, types
 
 import torch
-import torch.nn.functional as F
 
 from proda_nb.engine import DistEnv, get_config, segmentation_ce
 from proda_nb.models import build_model
-from proda_nb.consistency import weak_view, strong_view, create_ema_model, ema_update
+from proda_nb.consistency import weak_view, strong_view, create_ema_model
 from proda_nb.stage1 import Stage1, stage1_settings
 
 SETTINGS = {  # model -> (batch per step, source/crop size (h, w), full target image size (h, w), model kwargs)

@@ -9,7 +9,7 @@ Measures, in one run:
 Every step is `Trainer.train_step`: forward, source cross-entropy, backward, SGD, schedule, BN bookkeeping.
 Peak memory: the process's peak RSS on the CPU, `torch.cuda.max_memory_allocated` on CUDA.
 """
-import argparse, os, resource, socket, sys, time
+import argparse, os, resource, socket, time
 
 import torch
 import torch.multiprocessing as mp

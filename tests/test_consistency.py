@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from proda_nb.consistency import (GEOMETRIC_OPS, GRAY, PHOTOMETRIC_OPS, STRONG_OPS, ViewGeometry, compose,
+from proda_nb.consistency import (GEOMETRIC_OPS, GRAY, PHOTOMETRIC_OPS, ViewGeometry, compose,
                                   create_ema_model, crop_matrix, entropy_regularizer, ema_update, hflip_matrix,
                                   prototype_kl, rotate_matrix, shear_matrix, strong_view, translate_matrix, warp,
                                   weak_view)

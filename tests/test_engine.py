@@ -1,6 +1,5 @@
 """Integration tests of proda_nb.engine on a tiny in-test dataset (CPU, seconds): exact resume, NaN stop, atomic
 checkpoints, one SGD step against a hand computation, the global-batch data order."""
-import math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from proda_nb.engine import (Config, GlobalBatchSampler, NonFiniteLossError, SourceOnly, Stage, Trainer, atomic_save,
+from proda_nb.engine import (Config, GlobalBatchSampler, NonFiniteLossError, SourceOnly, Trainer, atomic_save,
                              get_config, load_checkpoint, poly_factor, set_option)
 from proda_nb.models import SegOutput, SynthCityNet
 

@@ -1,7 +1,6 @@
 """proda_nb.metrics against torchmetrics and scikit-learn, batch accumulation, and a two-process all_reduce."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist

@@ -140,7 +140,7 @@ def test_write_is_atomic(tmp_path, probs):
     class Crash(torch.nn.Module):
         def forward(self, x): raise RuntimeError("model failed")
     path = tmp_path / "store.pls"
-    first = build_soft_label_store(TableModel(probs[:2]), dataset_for(2), path, "old")
+    build_soft_label_store(TableModel(probs[:2]), dataset_for(2), path, "old")
     with pytest.raises(RuntimeError, match="model failed"):
         build_soft_label_store(Crash(), dataset_for(2), path, "new")
     assert SoftLabelStore.open(path).checkpoint_id == "old"               # the old store is intact

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from proda_nb.engine import get_config, Trainer, atomic_save, load_checkpoint
 from proda_nb.models import build_model

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from proda_nb.engine import get_config, get_stage, Trainer, load_checkpoint
-from proda_nb.warmup import (Warmup, WarmupConfig, AdaptSegNetDiscriminator, ReleaseDiscriminator, build_discriminator,
+from proda_nb.warmup import (Warmup, AdaptSegNetDiscriminator, ReleaseDiscriminator, build_discriminator,
                              discriminator_loss, adversarial_loss, gan_loss, parse_warmup_options, warmup_defaults)
 
 REPO = Path(__file__).resolve().parents[1]
