@@ -18,17 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from proda_nb.pseudo_labels import build_soft_label_store
-
-
-def peaky_softmax(n, K, h, w, seed=0, scale=18.0):
-    "Spatially smooth random logits (8x upsampled) plus pixel noise, sharpened by `scale`."
-    g = torch.Generator().manual_seed(seed)
-    z = F.interpolate(torch.randn(n, K, max(h // 8, 1), max(w // 8, 1), generator=g) * scale, size=(h, w),
-                      mode="bilinear", align_corners=False)
-    return (z + 0.5 * torch.randn(n, K, h, w, generator=g)).softmax(1)
+from proda_nb.pseudo_labels import build_soft_label_store, peaky_softmax
 
 
 class Table(torch.nn.Module):

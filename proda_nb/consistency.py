@@ -11,7 +11,7 @@ from dataclasses import dataclass
 __all__ = ['GRAY', 'PHOTOMETRIC_OPS', 'GEOMETRIC_OPS', 'STRONG_OPS', 'pixel_centres', 'map_pixel_centres', 'crop_matrix',
            'hflip_matrix', 'pixel_to_normalised', 'rotate_matrix', 'shear_matrix', 'translate_matrix', 'ViewGeometry',
            'warp', 'compose', 'weak_view', 'cutout_boxes', 'strong_view', 'view_outline', 'prototype_kl',
-           'entropy_regularizer', 'create_ema_model', 'ema_update']
+           'entropy_regularizer', 'create_ema_model', 'ema_update', 'ema_pairs']
 
 # %% ../nbs/11_consistency.ipynb #b756276d
 import torch
@@ -35,12 +35,16 @@ def pixel_centres(size:tuple[int, int], device=None, dtype=torch.float32) -> Ten
 def map_pixel_centres(maps:Tensor, size:tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Where the pixel centres of an output grid of `size` (h, w) land under `maps` (...,3,3): normalised x and y,
     each (..., h, w). For maps (B,3,3), `torch.stack(..., -1)` is `F.affine_grid(maps[:, :2], (B,C,h,w), align_corners=False)`."""
+    q = _mapped_centres(maps, size)
+    return q[..., 0, :, :], q[..., 1, :, :]
+
+def _mapped_centres(maps:Tensor, size:tuple[int, int]) -> Tensor:
+    "`map_pixel_centres` as one (..., 2, h, w) tensor: x and y computed together, with the same arithmetic."
     h, w = size
     x = (2 * torch.arange(w, device=maps.device, dtype=maps.dtype) + 1) / w - 1
     y = ((2 * torch.arange(h, device=maps.device, dtype=maps.dtype) + 1) / h - 1)[:, None]
-    m = maps[..., :2, :, None, None]
-    return (m[..., 0, 0, :, :] * x + m[..., 0, 1, :, :] * y + m[..., 0, 2, :, :],
-            m[..., 1, 0, :, :] * x + m[..., 1, 1, :, :] * y + m[..., 1, 2, :, :])
+    m = maps[..., :2, :, None, None]                                               # (..., 2, 3, 1, 1)
+    return m[..., 0, :, :] * x + m[..., 1, :, :] * y + m[..., 2, :, :]
 
 # %% ../nbs/11_consistency.ipynb #6d15b623
 def _affine(a:Tensor, b:Tensor, c:Tensor, d:Tensor, e:Tensor, f:Tensor) -> Tensor:
@@ -162,7 +166,7 @@ def warp(x:Tensor, geometry:ViewGeometry, size=None, mode:str|None=None, fill:fl
     xx = x if x.dim() == 4 else x[:, None]
     # labels, and half-precision maps (whose coordinates would be too coarse), are sampled in float32
     src = xx if xx.dtype in (torch.float32, torch.float64) else xx.float()
-    grid = torch.stack(map_pixel_centres(geometry.matrix.to(src.dtype), size), -1)  # = F.affine_grid(...), faster
+    grid = _mapped_centres(geometry.matrix.to(src.dtype), size).movedim(-3, -1)    # = F.affine_grid(...), faster
     out = F.grid_sample(src, grid, mode=mode, padding_mode="border", align_corners=False)
     out = out.round().to(x.dtype) if is_label else out.to(x.dtype)
     valid = geometry.valid_mask(size)
@@ -290,9 +294,11 @@ def _log_prototype_assignment(features:Tensor, prototypes:Tensor, tau:float) -> 
     "log softmax_k(-||f - eta_k|| / tau) for features (B,D,h,w) and prototypes (K,D): (B,K,h,w), in float32 at least."
     if features.dtype not in (torch.float32, torch.float64): features = features.float()  # e.g. bf16 under autocast
     prototypes = prototypes.to(features.dtype)
-    sq_dist = (features.pow(2).sum(1, keepdim=True) - 2 * torch.einsum("bdhw,kd->bkhw", features, prototypes)
-               + prototypes.pow(2).sum(1)[None, :, None, None])
-    return F.log_softmax(-sq_dist.clamp_min(1e-12).sqrt() / tau, dim=1)
+    (B, D, h, w), K = features.shape, len(prototypes)
+    cross = torch.matmul(prototypes, features.reshape(B, D, h * w)).view(B, K, h, w)   # f . eta_k: one batched GEMM
+    sq_dist = features.pow(2).sum(1, keepdim=True) - 2 * cross + prototypes.pow(2).sum(1)[None, :, None, None]
+    logits = -sq_dist.clamp_min(1e-12).sqrt()
+    return F.log_softmax(logits if tau == 1 else logits / tau, dim=1)
 
 def prototype_kl(student_features:Tensor, teacher_features:Tensor, prototypes:Tensor, tau:float=1.0,
                  valid:Tensor|None=None, divide_by_classes:bool=False) -> Tensor:
@@ -329,12 +335,21 @@ def create_ema_model(model:nn.Module) -> nn.Module:
     return ema
 
 @torch.no_grad()
-def ema_update(ema_model:nn.Module, model:nn.Module, momentum:float=0.999) -> None:
-    "theta_ema <- momentum * theta_ema + (1 - momentum) * theta for parameters; buffers copied from `model` (ProDA's release)."
+def ema_update(ema_model:nn.Module, model:nn.Module, momentum:float=0.999, pairs:tuple|None=None) -> None:
+    """theta_ema <- momentum * theta_ema + (1 - momentum) * theta for parameters; buffers copied from `model` (ProDA's
+    release). `pairs`: `ema_pairs(ema_model, model)`, computed once, spares matching the tensors by name every call."""
     if not 0.0 <= momentum <= 1.0: raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
-    if ema_params.keys() != params.keys():
-        raise ValueError(f"ema_model and model differ: {sorted(ema_params.keys() ^ params.keys())[:5]}")
-    for name, p in params.items(): ema_params[name].lerp_(p.detach(), 1.0 - momentum)
-    ema_buffers = dict(ema_model.named_buffers())
-    for name, b in model.named_buffers(): ema_buffers[name].copy_(b)
+    ema_p, p, ema_b, b = pairs or ema_pairs(ema_model, model)
+    if ema_p: torch._foreach_lerp_(ema_p, p, 1.0 - momentum)      # one multi-tensor kernel, not one call per tensor
+    if ema_b: torch._foreach_copy_(ema_b, b)
+
+def ema_pairs(ema_model:nn.Module, model:nn.Module) -> tuple[list, list, list, list]:
+    "The parameters of `ema_model` and of `model` matched by name, then their buffers: four lists for `ema_update`."
+    return (*_paired(ema_model.named_parameters(), model.named_parameters()),
+            *_paired(ema_model.named_buffers(), model.named_buffers()))
+
+def _paired(ema_named, named) -> tuple[list, list]:
+    "The tensors of the EMA model and of the model, in matching order (by name); an error if the names differ."
+    ema, src = dict(ema_named), dict(named)
+    if ema.keys() != src.keys(): raise ValueError(f"ema_model and model differ: {sorted(ema.keys() ^ src.keys())[:5]}")
+    return [ema[k] for k in src], list(src.values())

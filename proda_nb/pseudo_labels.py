@@ -9,8 +9,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['STORE_MAGIC', 'STORE_FORMAT', 'CLASS_BITS', 'VALUE_BITS', 'VALUE_MAX', 'encode_soft_labels', 'decode_soft_labels',
-           'checkpoint_id', 'StoreError', 'SoftLabelStore', 'build_soft_label_store', 'confidence_threshold_labels',
-           'cbst_thresholds', 'cbst_labels']
+           'peaky_softmax', 'checkpoint_id', 'StoreError', 'SoftLabelStore', 'build_soft_label_store',
+           'confidence_threshold_labels', 'cbst_thresholds', 'cbst_labels']
 
 # %% ../nbs/08_pseudo_labels.ipynb #3e16f96d
 import numpy as np
@@ -46,6 +46,14 @@ def decode_soft_labels(codes, num_classes:int, device=None) -> Tensor:
     rest = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(num_classes - k, 1)
     probs = rest.expand(B, num_classes, h, w).contiguous()
     return probs.scatter_(1, classes.long(), values)
+
+# %% ../nbs/08_pseudo_labels.ipynb #e12db81c
+def peaky_softmax(n:int, num_classes:int, h:int, w:int, seed:int=0, scale:float=18.0) -> Tensor:
+    "Synthetic confident softmax maps (n,num_classes,h,w): smooth random logits (8x upsampled) times `scale`, plus noise."
+    g = torch.Generator().manual_seed(seed)
+    z = F.interpolate(torch.randn(n, num_classes, max(h // 8, 1), max(w // 8, 1), generator=g) * scale, size=(h, w),
+                      mode="bilinear", align_corners=False)
+    return (z + 0.5 * torch.randn(n, num_classes, h, w, generator=g)).softmax(1)
 
 # %% ../nbs/08_pseudo_labels.ipynb #f6825048
 def checkpoint_id(path) -> str:

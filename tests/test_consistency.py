@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode
 
 from proda_nb.consistency import (GEOMETRIC_OPS, GRAY, PHOTOMETRIC_OPS, ViewGeometry, compose,
                                   create_ema_model, crop_matrix, entropy_regularizer, ema_update, hflip_matrix,
-                                  prototype_kl, rotate_matrix, shear_matrix, strong_view, translate_matrix, warp,
+                                  map_pixel_centres, prototype_kl, rotate_matrix, shear_matrix, strong_view, translate_matrix, warp,
                                   weak_view)
 from proda_nb.labels import IGNORE_INDEX
 
@@ -316,3 +316,32 @@ def test_ema_update_closed_form_and_buffers():
     assert ema[1].num_batches_tracked.item() == 3
     with pytest.raises(ValueError, match="momentum"):
         ema_update(ema, model, momentum=1.5)
+
+
+def test_ema_update_equals_per_tensor_loop_and_checks_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1), nn.BatchNorm2d(2))
+    ema, ref = create_ema_model(model), create_ema_model(model)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters(): p.add_(torch.randn_like(p))
+        model(torch.rand(2, 3, 6, 6))
+        ema_update(ema, model, momentum=0.8)
+        with torch.no_grad():                                       # the definition, one tensor at a time
+            for (_, e), (_, p) in zip(ref.named_parameters(), model.named_parameters()): e.lerp_(p, 0.2)
+            for (_, e), (_, b) in zip(ref.named_buffers(), model.named_buffers()): e.copy_(b)
+    for a, b in zip(ema.state_dict().values(), ref.state_dict().values()): assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="differ"):
+        ema_update(ema, nn.Sequential(nn.Conv2d(3, 8, 3)), momentum=0.8)
+
+
+def test_map_pixel_centres_against_affine_grid_and_formula():
+    maps = torch.randn(3, 2, 3, 3)
+    qx, qy = map_pixel_centres(maps, (5, 7))
+    x = (2 * torch.arange(7) + 1) / 7 - 1
+    y = ((2 * torch.arange(5) + 1) / 5 - 1)[:, None]
+    m = maps[..., None, None]
+    assert torch.equal(qx, m[..., 0, 0, :, :] * x + m[..., 0, 1, :, :] * y + m[..., 0, 2, :, :])
+    assert torch.equal(qy, m[..., 1, 0, :, :] * x + m[..., 1, 1, :, :] * y + m[..., 1, 2, :, :])
+    grid = F.affine_grid(maps[:, 0, :2], (3, 1, 5, 7), align_corners=False)
+    assert torch.allclose(torch.stack([qx[:, 0], qy[:, 0]], -1), grid, atol=1e-5)

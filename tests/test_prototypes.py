@@ -136,6 +136,14 @@ def test_class_sums_and_errors():
     bad = labels.clone(); bad[0, 0, 0] = 7
     with pytest.raises(ValueError, match="0..3"):
         update_prototypes(torch.zeros(4, 5), feats, bad, 0.9)
+    bad[0, 0, 0] = -3                                               # below the classes, with no pixel ignored too
+    with pytest.raises(ValueError, match="-3"):
+        class_feature_sums(feats, bad.masked_fill(bad == IGNORE, 0), 4)
+    clean = random_batch(9, ignore_share=0.0)[1]                     # no ignored pixel at all: the same sums
+    sums, counts = class_feature_sums(feats, clean, 4)
+    for k in range(4):
+        np.testing.assert_allclose(sums[k].numpy(), feats.permute(0, 2, 3, 1)[clean == k].sum(0).numpy(), atol=1e-4)
+    assert counts.sum() == clean.numel()
     with pytest.raises(ValueError, match="momentum"):
         update_prototypes(torch.zeros(4, 5), feats, labels, 1.5)
     with pytest.raises(ValueError, match="D=5"):

@@ -4,22 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from proda_nb.labels import IGNORE_INDEX
 from proda_nb.pseudo_labels import (SoftLabelStore, build_soft_label_store, cbst_labels, cbst_thresholds,
-                                    checkpoint_id, confidence_threshold_labels)
+                                    checkpoint_id, confidence_threshold_labels, peaky_softmax)
 
 torch.set_num_threads(1)
 K = 19
-
-
-def peaky_softmax(n, h, w, seed, scale=18.0):
-    "Spatially smooth random logits sharpened until the median max probability is ~0.98 (a trained model's range)."
-    g = torch.Generator().manual_seed(seed)
-    z = F.interpolate(torch.randn(n, K, max(h // 8, 1), max(w // 8, 1), generator=g) * scale, size=(h, w),
-                      mode="bilinear", align_corners=False)
-    return (z + 0.5 * torch.randn(n, K, h, w, generator=g)).softmax(1)
 
 
 class TableModel(torch.nn.Module):
@@ -38,7 +29,7 @@ def dataset_for(n):
 
 @pytest.fixture(scope="module")
 def probs():
-    return peaky_softmax(6, 32, 64, seed=0)
+    return peaky_softmax(6, K, 32, 64, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_round_trip_within_quantisation_step(store, probs):
 
 
 def test_rectified_label_agreement(tmp_path):
-    p = peaky_softmax(3, 128, 256, seed=1)                             # ProDA's size: 19 x 128 x 256
+    p = peaky_softmax(3, K, 128, 256, seed=1)                             # ProDA's size: 19 x 128 x 256
     s = build_soft_label_store(TableModel(p), dataset_for(3), tmp_path / "proda_size.pls", "c")
     q = s[:]
     for seed in (0, 1):
@@ -76,7 +67,7 @@ def test_rectified_label_agreement(tmp_path):
 
 def test_rectified_label_agreement_with_prototype_weights(tmp_path):
     prototypes = pytest.importorskip("proda_nb.prototypes")
-    p = peaky_softmax(3, 128, 256, seed=2)
+    p = peaky_softmax(3, K, 128, 256, seed=2)
     q = build_soft_label_store(TableModel(p), dataset_for(3), tmp_path / "s.pls", "c")[:]
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(K, 16, generator=g)                      # features near random class centres
