@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_stage1.ipynb #8ceaff58
 from __future__ import annotations
-import contextlib, dataclasses, time
+import contextlib, dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,9 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 # %% ../nbs/12_stage1.ipynb #d97165e1
-from .engine import (Stage, Stage1Config, register_stage, segmentation_ce, load_checkpoint, poly_factor)
+from .engine import (Stage, Stage1Config, register_stage, segmentation_ce, load_checkpoint, poly_factor,
+                             stage_init, stage_output)
 from .consistency import (weak_view, strong_view, warp, compose, prototype_kl, entropy_regularizer,
-                                  create_ema_model, ema_update)
+                                  create_ema_model, ema_update, ema_pairs)
 from .sce import symmetric_cross_entropy
 from .prototypes import (prototype_weights, rectify_pseudo_labels, update_prototypes, initial_prototypes,
                                  has_prototype)
@@ -34,9 +35,10 @@ def _batchnorms(model:nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 @contextlib.contextmanager
-def frozen_bn_statistics(model:nn.Module):
-    "Inside the block, BatchNorm layers still normalise with batch statistics but leave their running averages unchanged."
-    layers = _batchnorms(model)
+def frozen_bn_statistics(model:nn.Module|list):
+    """Inside the block, BatchNorm layers still normalise with batch statistics but leave their running averages
+    unchanged. `model`: a module, or the list of its BatchNorm layers (found once, for a loop)."""
+    layers = _batchnorms(model) if isinstance(model, nn.Module) else model
     saved = [m.momentum for m in layers]
     for m in layers: m.momentum = 0.0
     try: yield
@@ -73,14 +75,15 @@ def stage1_settings(cfg) -> Stage1Config:
     return s
 
 def default_init(cfg) -> Path:
-    "The checkpoint stage 1 starts from: `stage1.init`, else OUT/checkpoint.pt (where the previous stage wrote it)."
-    return Path(cfg.stage1.init) if cfg.stage1.init else Path(cfg.run.out) / "checkpoint.pt"
+    """The checkpoint stage 1 starts from (`proda_nb.engine.stage_init`): `stage1.init`; else OUT/warmup/checkpoint.pt
+    when a chained run left one; else OUT/checkpoint.pt, where a single `--stage` run of the previous stage wrote it."""
+    return stage_init(cfg, "stage1")
 
 def missing_init_message(path, cfg) -> str:
     "The error for a missing init checkpoint: which command makes it."
     out = Path(path).parent
     return (f"stage 1 starts from the previous stage's checkpoint, and {path} does not exist. Train that stage first, "
-            f"e.g. `python -m proda_nb.train --out {out}` (source-only) or `python -m proda_nb.train --stage warmup "
+            f"e.g. `python -m proda_nb.train --stage source_only --out {out}` or `python -m proda_nb.train --stage warmup "
             f"--out {out}`, or point to an existing checkpoint with `--stage1.init PATH`")
 
 # %% ../nbs/12_stage1.ipynb #745c327f
@@ -138,8 +141,8 @@ class Stage1(Stage):
         self.s = s = stage1_settings(cfg)
         init = default_init(cfg)
         if not init.is_file(): raise FileNotFoundError(missing_init_message(init, cfg))
-        if init.parent.resolve() == Path(cfg.run.out).resolve():   # never overwrite the previous stage
-            cfg.run.out = str(Path(cfg.run.out) / "stage1"); trainer.out = Path(cfg.run.out)
+        out = stage_output(cfg, "stage1", init)                    # never overwrite the previous stage
+        cfg.run.out, trainer.out = str(out), out
         self._stage_schedule(trainer)
         model = trainer.raw_model
         try: model.load_state_dict(_model_weights(load_checkpoint(init, map_location=env.device)))
@@ -173,7 +176,7 @@ class Stage1(Stage):
         feats, logits = self.ema_model(images)
         soft = _resize_probs(self.store.get(torch.as_tensor(indices).cpu(), device=images.device), feats.shape[-2:])
         if self.s.denoise: labels = rectify_pseudo_labels(soft, prototype_weights(feats, self.prototypes, self.s.tau))
-        else: labels = soft.argmax(1)
+        else: labels = soft.max(1).indices                 # = argmax(1) (first maximum), faster on CPU
         return feats, logits, labels
 
     def _views(self, images:Tensor):
@@ -187,11 +190,14 @@ class Stage1(Stage):
     def loss_terms(self, batch:dict) -> dict:
         "Every term of the stage-1 loss for one micro-batch (unweighted; zero tensors for switched-off terms)."
         s, model, src, tgt = self.s, self.trainer.model, batch["source"], batch["target"]
-        bn = lambda: frozen_bn_statistics(self.trainer.raw_model) if s.bn_stats == "target" else contextlib.nullcontext()
+        bn = lambda: frozen_bn_statistics(self._student_bns()) if s.bn_stats == "target" else contextlib.nullcontext()
         with bn(): s_logits = model(src["image"]).logits
         terms = {"source_ce": segmentation_ce(s_logits, src["label"])}
         images = tgt["image"]
         t_feats, t_logits, labels = self.teacher_labels(images, tgt["index"])
+        if self.uses_prototypes:                           # computed here, while the teacher's maps are still in cache
+            new_prototypes = update_prototypes(self.prototypes, t_feats, t_logits.max(1).indices, s.proto_momentum,
+                                               min_pixels=s.proto_min_pixels, distributed=self.trainer.env.distributed)
         x_w, g_w, x_s, g_ws = self._views(images)
         w_feats, w_logits = model(x_w)
         labels_w, _ = warp(labels, g_w, size=w_logits.shape[-2:])      # full image's grid -> weak view's output grid
@@ -205,9 +211,7 @@ class Stage1(Stage):
             present = has_prototype(self.prototypes)
             terms["kl"] = prototype_kl(s_feats, teacher, self.prototypes[present], s.tau, valid=valid)
         if s.gamma2 > 0: terms["reg"] = entropy_regularizer(w_logits)
-        if self.uses_prototypes:
-            self.prototypes = update_prototypes(self.prototypes, t_feats, t_logits.argmax(1), s.proto_momentum,
-                                                min_pixels=s.proto_min_pixels, distributed=self.trainer.env.distributed)
+        if self.uses_prototypes: self.prototypes = new_prototypes        # the loss above used the step's old prototypes
         return terms
 
     def compute_loss(self, batch):
@@ -217,7 +221,16 @@ class Stage1(Stage):
 
     # -- after each step, evaluation, checkpoints -------------------------------------------------------------------
     def after_step(self, iteration:int):
-        ema_update(self.ema_model, self.trainer.raw_model, self.s.ema_momentum)
+        ema_update(self.ema_model, self.trainer.raw_model, self.s.ema_momentum, pairs=self._cached("ema", ema_pairs))
+
+    def _student_bns(self) -> list: return self._cached("bn", lambda ema, model: _batchnorms(model))
+
+    def _cached(self, key:str, fn):
+        "fn(ema_model, raw_model), computed again only when either model object changes (module walks, once a stage)."
+        models = (self.ema_model, self.trainer.raw_model)
+        cache = self.__dict__.setdefault("_walks", {})
+        if key not in cache or cache[key][0] != tuple(map(id, models)): cache[key] = (tuple(map(id, models)), fn(*models))
+        return cache[key][1]
 
     def state_dict(self) -> dict: return {"settings": asdict(self.s)}
 

@@ -4,14 +4,13 @@
 
 # %% ../nbs/07_warmup.ipynb #46e004d0
 from __future__ import annotations
-import dataclasses, os
-from dataclasses import dataclass, asdict, fields
-from typing import Optional, Tuple
+import dataclasses
+from dataclasses import asdict
+from typing import Optional
 
 # %% auto #0
 __all__ = ['DISCRIMINATORS', 'SOURCE_LABEL', 'TARGET_LABEL', 'AUX_LAYERS', 'ReleaseDiscriminator', 'AdaptSegNetDiscriminator',
-           'build_discriminator', 'gan_loss', 'discriminator_loss', 'adversarial_loss', 'AuxiliaryHead', 'WarmupConfig',
-           'warmup_defaults', 'parse_warmup_options', 'Warmup']
+           'build_discriminator', 'gan_loss', 'discriminator_loss', 'adversarial_loss', 'AuxiliaryHead', 'Warmup']
 
 # %% ../nbs/07_warmup.ipynb #4a05f622
 import torch
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% ../nbs/07_warmup.ipynb #1268061b
-from .engine import Stage, register_stage, segmentation_ce, all_reduce_sum, load_checkpoint
+from .engine import (Stage, WarmupConfig, register_stage, segmentation_ce, all_reduce_sum, load_checkpoint,
+                             stage_init, stage_output)
 
 # %% ../nbs/07_warmup.ipynb #c594f74f
 class ReleaseDiscriminator(nn.Module):
@@ -110,46 +110,6 @@ class AuxiliaryHead(nn.Module):
         if kept is None: raise RuntimeError(f"no {self.layer} output kept: run the model with capture on first")
         return self.classifier(kept)
 
-# %% ../nbs/07_warmup.ipynb #6ae5b88a
-@dataclass
-class WarmupConfig:
-    "Settings of the warm-up stage (see `warmup_defaults` for the presets' values)."
-    discriminator: str = "release"          # release | adaptsegnet
-    width: int = 64                         # discriminator channels in its first layer
-    gan: str = "ls"                         # ls (least squares, MSE) | vanilla (BCE with logits)
-    lambda_adv: float = 0.01                # weight of the adversarial loss on the main output
-    multi_level: bool = False               # add an auxiliary classifier + a second discriminator
-    lambda_adv_aux: float = 0.0002          # multi-level: adversarial weight on the auxiliary output
-    lambda_seg_aux: float = 0.1             # multi-level: weight of the auxiliary source cross-entropy
-    aux_layer: str = ""                     # multi-level: module whose output the auxiliary classifier reads ('' = AUX_LAYERS)
-    d_lr: float = 1e-4                      # discriminator Adam
-    d_betas: Tuple[float, float] = (0.9, 0.99)
-    source_label: float = 0.0
-    target_label: float = 1.0
-    upsample: bool = True                   # softmax at the image size (AdaptSegNet) instead of the logits' size
-    freeze_bn: bool = True                  # DeepLab only: BatchNorm frozen (the release)
-    init: str = ""                          # checkpoint (or state dict) to start the segmenter from ('' = the preset's init)
-
-def warmup_defaults(cfg=None) -> WarmupConfig:
-    "The release's warm-up settings for real data; for SynthCity (cfg.data.source == 'synthcity') a narrower discriminator."
-    w = WarmupConfig()
-    if cfg is not None and cfg.data.source == "synthcity": w.width = 16
-    return w
-
-def parse_warmup_options(text:str, base:WarmupConfig=None) -> WarmupConfig:
-    "Apply 'key=value,key=value' (the PRODA_WARMUP syntax) to a copy of `base`; unknown keys are an error listing the valid ones."
-    from proda_nb.engine import parse_value
-    from typing import get_type_hints
-    w = dataclasses.replace(base or WarmupConfig())
-    hints = get_type_hints(WarmupConfig)
-    for item in filter(None, (s.strip() for s in text.replace(";", ",").split(","))):
-        if "=" not in item: raise ValueError(f"PRODA_WARMUP: expected key=value, got {item!r}")
-        key, value = (s.strip() for s in item.split("=", 1))
-        if key not in hints: raise ValueError(f"PRODA_WARMUP: unknown warm-up setting {key!r}; valid: {', '.join(hints)}")
-        if key == "d_betas": value = value.replace("/", ",").replace(" ", ",")
-        setattr(w, key, parse_value(value, hints[key]))
-    return w
-
 # %% ../nbs/07_warmup.ipynb #dc43814a
 def _average_gradients(params):
     "Average the gradients of `params` over processes (no-op in one process)."
@@ -180,10 +140,10 @@ class Warmup(Stage):
         self.kept, self.aux = [], None
 
     def _resolve(self, cfg) -> WarmupConfig:
-        w = self.settings or warmup_defaults(cfg)
-        if self.settings is None and os.environ.get("PRODA_WARMUP"): w = parse_warmup_options(os.environ["PRODA_WARMUP"], w)
-        w = dataclasses.replace(w, **self.overrides)
-        if w.gan not in ("ls", "vanilla"): raise ValueError(f"warm-up gan={w.gan!r}; choose 'ls' or 'vanilla'")
+        w = dataclasses.replace(self.settings or cfg.warmup, **self.overrides)
+        if w.gan not in ("ls", "vanilla"): raise ValueError(f"warmup.gan={w.gan!r}; choose 'ls' or 'vanilla'")
+        if w.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"warmup.discriminator={w.discriminator!r}; choose one of {sorted(DISCRIMINATORS)}")
         return w
 
     def setup(self, trainer):
@@ -191,10 +151,14 @@ class Warmup(Stage):
         cfg, dev, model = trainer.cfg, trainer.env.device, trainer.raw_model
         self.w = w = self._resolve(cfg)
         if w.freeze_bn and hasattr(model, "freeze_batchnorm"): model.freeze_batchnorm(True)
-        if w.init:
-            sd = _model_weights(load_checkpoint(w.init, map_location=dev))
+        cfg.warmup = w
+        self.init = init = stage_init(cfg, "warmup")
+        if init is not None:
+            sd = _model_weights(load_checkpoint(init, map_location=dev))
             try: model.load_state_dict(sd)
-            except RuntimeError as e: raise RuntimeError(f"warm-up init={w.init}: weights do not fit {type(model).__name__}: {e}") from None
+            except RuntimeError as e: raise RuntimeError(f"warmup.init={init}: weights do not fit {type(model).__name__}: {e}") from None
+            out = stage_output(cfg, "warmup", init)          # never overwrite the checkpoint it started from
+            cfg.run.out, trainer.out = str(out), out
         K = cfg.model.num_classes
         self.discriminator = build_discriminator(w.discriminator, K, w.width).to(dev)
         self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=w.d_lr, betas=tuple(w.d_betas))

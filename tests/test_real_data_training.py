@@ -77,7 +77,7 @@ def test_real_recipe_trains_and_evaluates_on_fixture_folders(tmp_path, config, s
     small = ["--model.name", "synthcity_net", "--data.crop", "64,32", "--data.long_side", "64",
              "--data.num_workers", "0", "--optim.batch_size", "2", "--optim.lr", "0.01", "--optim.head_lr_mult", "1",
              "--run.progress", "false", "--run.tensorboard", "false", "--run.device", "cpu"]
-    text = cli("--config", config, "--data-root", str(tmp_path / "data"), "--out", str(out),
+    text = cli("--config", config, "--stage", "source_only", "--data-root", str(tmp_path / "data"), "--out", str(out),
                "--schedule.iters", "3", "--schedule.poly_iters", "0", *small)
     assert f"target val mIoU ({headline})" in text
     iou = json.loads((out / "metrics.json").read_text())["iou"]
@@ -87,3 +87,24 @@ def test_real_recipe_trains_and_evaluates_on_fixture_folders(tmp_path, config, s
     again = cli("--config", config, "--data-root", str(tmp_path / "data"), "--eval-only",
                 "--checkpoint", str(out / "checkpoint.pt"), *small)
     assert text.split("mIoU19")[1].split("\n")[0] == again.split("mIoU19")[1].split("\n")[0]
+
+
+def test_real_recipe_chain_on_fixture_folders(tmp_path):
+    "Without --stage the real preset chains warm-up -> stage 1 -> stage 2 -> stage 3 on GTA5 / Cityscapes folders."
+    make_root(tmp_path / "data", "gta5")
+    out = tmp_path / "chain"
+    tiny = ["--model.name", "synthcity_net", "--data.crop", "64,32", "--data.long_side", "64", "--data.num_workers", "0",
+            "--optim.batch_size", "2", "--optim.head_lr_mult", "1", "--schedule.poly_iters", "0",
+            "--warmup.iters", "2", "--warmup.lr", "0.01", "--stage1.iters", "2", "--stage1.weak_crop", "48,24",
+            "--stage2.iters", "2", "--stage3.iters", "2", "--stage2.student_init", "teacher",
+            "--run.progress", "false", "--run.tensorboard", "false", "--run.device", "cpu", "--run.ckpt_every", "0"]
+    text = cli("--config", "gta5_to_cityscapes", "--data-root", str(tmp_path / "data"), "--out", str(out), *tiny)
+    res = json.loads((out / "results.json").read_text())
+    assert res["benchmark"] == "gta5_to_cityscapes"
+    assert [s["name"] for s in res["stages"]] == ["warmup", "stage1", "stage2", "stage3"]   # the method, no source-only
+    assert "target val mIoU (all 19 classes)" in text and "57.5" in text
+    # stage 1 read the Cityscapes training images whole (resized to data.long_side) and stored one soft label map each
+    stores = list((out / "warmup").glob("soft_labels_*.bin"))
+    assert len(stores) == 1
+    ck = json.loads((out / "stage1" / "config.json").read_text())
+    assert ck["stage1"]["init"] == str(out / "warmup" / "checkpoint.pt") and ck["data"]["target"] == "cityscapes"

@@ -93,11 +93,34 @@ def test_denoise_switch_rectifies_labels(tiny):
     st.s = dataclasses.replace(st.s, denoise=True)
 
 
+def test_prototype_update_follows_the_loss(tiny, monkeypatch):
+    "The KL term sees the step's old prototypes; afterwards they are updated with the teacher's argmax labels."
+    import proda_nb.stage1 as stage1
+    from proda_nb.prototypes import has_prototype, update_prototypes
+    tr, batch = tiny
+    st, images, idx = tr.stage, batch["target"]["image"], batch["target"]["index"]
+    settings, old, seen = st.s, st.prototypes.clone(), []
+    st.s = dataclasses.replace(st.s, gamma1=10.0, denoise=True)
+    kl = stage1.prototype_kl
+    monkeypatch.setattr(stage1, "prototype_kl", lambda s, t, protos, *a, **k: seen.append(protos.clone()) or kl(s, t, protos, *a, **k))
+    try:
+        torch.manual_seed(0)
+        st.compute_loss(batch)
+        assert len(seen) == 1 and torch.equal(seen[0], old[has_prototype(old)])
+        torch.manual_seed(0)
+        feats, logits, _ = st.teacher_labels(images, idx)
+        expected = update_prototypes(old, feats, logits.argmax(1), st.s.proto_momentum, min_pixels=st.s.proto_min_pixels)
+        ok = has_prototype(old)
+        assert not torch.equal(st.prototypes[ok], old[ok])
+        torch.testing.assert_close(st.prototypes, expected, atol=1e-6, rtol=0, equal_nan=True)
+    finally: st.s, st.prototypes = settings, old
+
+
 def test_missing_init_says_which_command_to_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "stage1", "--out", str(tmp_path / "nothing"),
                         *TINY], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "checkpoint.pt does not exist" in r.stderr and f"python -m proda_nb.train --out {tmp_path / 'nothing'}" in r.stderr
+    assert "checkpoint.pt does not exist" in r.stderr and f"python -m proda_nb.train --stage source_only --out {tmp_path / 'nothing'}" in r.stderr
     assert "--stage1.init" in r.stderr
 
 

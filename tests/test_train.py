@@ -10,7 +10,7 @@ from proda_nb.train import build_parser, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 # a few steps on a few images: the point is the machinery, not the accuracy
-TINY = ["--schedule.iters", "6", "--optim.batch_size", "4", "--data.max_val", "4", "--data.synthcity_n", "16", "--run.ckpt_every", "3",
+TINY = ["--stage", "source_only", "--schedule.iters", "6", "--optim.batch_size", "4", "--data.max_val", "4", "--data.synthcity_n", "16", "--run.ckpt_every", "3",
         "--run.log_every", "3", "--run.progress", "false", "--run.tensorboard", "false"]
 
 

@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from proda_nb.engine import get_config, get_stage, Trainer, load_checkpoint
+from proda_nb.engine import get_config, get_stage, set_option, Trainer, load_checkpoint
 from proda_nb.warmup import (Warmup, AdaptSegNetDiscriminator, ReleaseDiscriminator, build_discriminator,
-                             discriminator_loss, adversarial_loss, gan_loss, parse_warmup_options, warmup_defaults)
+                             discriminator_loss, adversarial_loss, gan_loss)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--schedule.iters", "4", "--optim.batch_size", "4", "--data.max_val", "2", "--data.synthcity_n", "8",
+TINY = ["--schedule.iters", "4", "--warmup.iters", "4", "--optim.batch_size", "4", "--data.max_val", "2", "--data.synthcity_n", "8",
         "--run.ckpt_every", "2", "--run.log_every", "1", "--run.progress", "false", "--run.tensorboard", "false"]
 
 
@@ -146,13 +146,16 @@ def test_compute_loss_leaves_discriminator_without_gradients(tmp_path):
 
 # -- settings ---------------------------------------------------------------------------------------------------------
 def test_defaults_and_options():
-    w = warmup_defaults(get_config("gta5_to_cityscapes"))
+    w = get_config("gta5_to_cityscapes").warmup
     assert (w.discriminator, w.gan, w.lambda_adv, w.d_lr, w.d_betas, w.source_label, w.target_label, w.freeze_bn) == \
         ("release", "ls", 0.01, 1e-4, (0.9, 0.99), 0.0, 1.0, True)
-    w = parse_warmup_options("gan=vanilla,lambda_adv=0.001,discriminator=adaptsegnet,d_betas=0.5/0.9")
-    assert (w.gan, w.lambda_adv, w.discriminator, w.d_betas) == ("vanilla", 0.001, "adaptsegnet", (0.5, 0.9))
-    with pytest.raises(ValueError, match="lambda_adv"): parse_warmup_options("lamda_adv=1")
+    cfg = get_config("synthcity")
+    for name, value in (("warmup.gan", "vanilla"), ("warmup.lambda_adv", "0.001"), ("warmup.d_betas", "0.5,0.9")):
+        set_option(cfg, name, value)
+    assert (cfg.warmup.gan, cfg.warmup.lambda_adv, cfg.warmup.d_betas) == ("vanilla", 0.001, (0.5, 0.9))
+    with pytest.raises(KeyError, match="warmup.lambda_adv"): set_option(cfg, "warmup.lamda_adv", "1")
     with pytest.raises(ValueError, match="ls"): Warmup(gan="wgan")._resolve(get_config("synthcity"))
+    with pytest.raises(ValueError, match="adaptsegnet"): Warmup(discriminator="patch")._resolve(get_config("synthcity"))
 
 
 def test_stage_is_registered():
@@ -162,7 +165,8 @@ def test_stage_is_registered():
 # -- checkpoints --------------------------------------------------------------------------------------------------------
 def tiny_cfg(out, iters=4):
     cfg = get_config("synthcity")
-    cfg.schedule.iters, cfg.optim.batch_size = iters, 4
+    cfg.schedule.iters = cfg.warmup.iters = iters
+    cfg.optim.batch_size = 4
     cfg.data.synthcity_n, cfg.data.max_val = 8, 2
     cfg.run.out, cfg.run.progress, cfg.run.tensorboard, cfg.run.ckpt_every, cfg.run.log_every = str(out), False, False, 2, 1
     return cfg
@@ -214,8 +218,9 @@ def test_init_from_source_only_weights(tmp_path):
 
 # -- the command line ---------------------------------------------------------------------------------------------------
 def test_cli_stage_warmup(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRODA_WARMUP": "width=8,discriminator=adaptsegnet,gan=vanilla"}
-    r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "warmup", *TINY, "--out", str(tmp_path)],
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    opts = ["--warmup.width", "8", "--warmup.discriminator", "adaptsegnet", "--warmup.gan", "vanilla"]
+    r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "warmup", *TINY, *opts, "--out", str(tmp_path)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -226,15 +231,16 @@ def test_cli_stage_warmup(tmp_path):
     ck = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ck["stage"]["name"] == "warmup" and ck["stage"]["state"]["settings"]["gan"] == "vanilla"
     assert "net.0.weight" in ck["stage"]["state"]["discriminator"]      # AdaptSegNet's discriminator was used
-    bad = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "warmup", *TINY, "--out", str(tmp_path / "b")],
-                         cwd=REPO, env={**env, "PRODA_WARMUP": "lamda=1"}, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "lambda_adv" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "warmup", *TINY, "--warmup.lamda_adv", "1",
+                          "--out", str(tmp_path / "b")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--warmup.lambda_adv" in bad.stderr
 
 
 def test_two_processes_equal_one_process(tmp_path):
     "DDP (2 gloo processes, 2 images each) = 1 process with 2 accumulated micro-batches: same segmenter, same discriminator."
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRODA_WARMUP": "width=8"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, extra in (("two", ["--gpus", "2"]), ("one", ["--optim.accum_steps", "2"])):
+        extra = [*extra, "--warmup.width", "8"]
         r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "warmup", *TINY, *extra,
                             "--out", str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

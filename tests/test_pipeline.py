@@ -1,0 +1,97 @@
+"""`python -m proda_nb.train` without --stage: every stage of the chain on tiny SynthCity settings, results.json,
+the figures, rerunning one stage of a finished chain, resuming an interrupted chain, and bad `run.pipeline` values."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from proda_nb.engine import PIPELINE_ORDER, get_config, load_checkpoint
+from proda_nb.pipeline import pipeline_stages, stage_config, results_table
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--schedule.iters", "3", "--warmup.iters", "2", "--stage1.iters", "2", "--stage2.iters", "2",
+        "--stage3.iters", "2", "--stage2.student_init", "teacher", "--optim.batch_size", "4", "--data.synthcity_n", "16",
+        "--data.max_val", "4", "--run.ckpt_every", "0", "--run.progress", "false", "--run.tensorboard", "false"]
+
+
+def cli(*args, ok=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "proda_nb.train", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    if ok: assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chain")
+    return out, cli(*TINY, "--out", str(out))
+
+
+def test_every_stage_runs_and_lands_in_results_json(chain):
+    out, r = chain
+    res = json.loads((out / "results.json").read_text())
+    assert {"benchmark", "seed", "stages", "total_seconds"} <= set(res)
+    assert (res["benchmark"], res["seed"]) == ("synthcity", 0)
+    assert [s["name"] for s in res["stages"]] == list(PIPELINE_ORDER)
+    for s in res["stages"]:
+        assert 0.0 <= s["miou"] <= 100.0 and s["seconds"] > 0
+        metrics = json.loads((out / s["name"] / "metrics.json").read_text())
+        assert abs(metrics["miou"] - s["miou"]) < 1e-9                     # the row is the stage's own evaluation
+    assert res["total_seconds"] >= sum(s["seconds"] for s in res["stages"]) - 0.05      # (rounded to 0.01 s)
+    assert (out / "per_class_iou.png").stat().st_size > 0 and (out / "predictions.png").stat().st_size > 0
+    for s in res["stages"]: assert f"{s['miou']:6.1f}" in r.stdout          # the printed table
+    assert "paper GTA5->CS" in r.stdout and "57.5" in r.stdout
+
+
+def test_each_stage_starts_from_the_previous_checkpoint(chain):
+    out, _ = chain
+    for prev, name in zip(PIPELINE_ORDER, PIPELINE_ORDER[1:]):
+        ck = load_checkpoint(out / name / "checkpoint.pt")
+        assert ck["config"][name]["init"] == str(out / prev / "checkpoint.pt")
+        assert ck["stage"]["name"] == name
+
+
+def test_rerun_one_stage_of_a_finished_chain(chain, tmp_path):
+    out, _ = chain
+    before = json.loads((out / "results.json").read_text())
+    r = cli(*TINY, "--out", str(out), "--stage", "stage3", "--stage3.iters", "3")
+    after = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in after["stages"]] == list(PIPELINE_ORDER)
+    assert after["stages"][:4] == before["stages"][:4]                       # the other rows are kept
+    assert load_checkpoint(out / "stage3" / "checkpoint.pt")["iteration"] == 3
+    assert "stage 3" in r.stdout
+
+
+def test_interrupted_chain_resumes(tmp_path):
+    out = tmp_path / "cut"
+    cli(*TINY, "--out", str(out), "--run.pipeline", "source_only,warmup")
+    done = json.loads((out / "results.json").read_text())
+    r = cli(*TINY, "--out", str(out), "--run.pipeline", "source_only,warmup,stage1", "--resume")
+    res = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in res["stages"]] == ["source_only", "warmup", "stage1"]
+    assert res["stages"][:2] == done["stages"]                               # finished stages were not retrained
+    assert "== source_only" not in r.stdout and "== stage1" in r.stdout
+
+
+def test_bad_pipeline_is_a_clear_error():
+    r = cli("--run.pipeline", "stage1,source_only", ok=False)
+    assert r.returncode == 2 and "in the order" in r.stderr
+    r = cli("--run.pipeline", "source_only,stage9", ok=False)
+    assert r.returncode == 2 and "stage9" in r.stderr
+
+
+def test_stage_config_chains_init_and_output():
+    cfg = get_config()
+    assert pipeline_stages(cfg) == list(PIPELINE_ORDER)
+    c = stage_config(cfg, "stage1", "/r", "warmup")
+    assert (c.stage, c.run.out, c.stage1.init) == ("stage1", "/r/stage1", "/r/warmup/checkpoint.pt")
+    cfg.stage1.init = "/my/own.pt"
+    assert stage_config(cfg, "stage1", "/r", "warmup").stage1.init == "/my/own.pt"   # an explicit init wins
+
+
+def test_results_table_steps():
+    res = {"benchmark": "synthcity", "seed": 1, "total_seconds": 3.0,
+           "stages": [{"name": "source_only", "miou": 20.0, "seconds": 1.0}, {"name": "stage1", "miou": 31.5, "seconds": 2.0}]}
+    text = results_table(res)
+    assert "+11.5" in text and "53.7" in text and "seed 1" in text
