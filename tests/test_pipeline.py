@@ -95,3 +95,21 @@ def test_results_table_steps():
            "stages": [{"name": "source_only", "miou": 20.0, "seconds": 1.0}, {"name": "stage1", "miou": 31.5, "seconds": 2.0}]}
     text = results_table(res)
     assert "+11.5" in text and "53.7" in text and "seed 1" in text
+
+
+def test_two_processes_run_the_same_chain(tmp_path):
+    "`--gpus 2` (two gloo processes, half of every batch each) trains the chain as one process with 2 micro-batches."
+    import torch
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli(*TINY, "--optim.accum_steps", "2", "--out", str(one))
+    cli(*TINY, "--gpus", "2", "--out", str(two))
+    for name in PIPELINE_ORDER:
+        a, b = (torch.load(d / name / "checkpoint.pt", weights_only=False) for d in (one, two))
+        assert (a["world_size"], b["world_size"]) == (1, 2)
+        diff = max((a["model"][k].double() - b["model"][k].double()).abs().max().item()
+                   for k in a["model"] if not k.endswith("num_batches_tracked"))
+        assert diff <= 1e-3, (name, diff)                     # float reductions differ; the training does not
+    first, last = (torch.load(one / n / "checkpoint.pt", weights_only=False)["model"] for n in ("source_only", "stage3"))
+    assert max((first[k].double() - last[k].double()).abs().max().item() for k in first) > 1e-2   # the chain trained
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    for sa, sb in zip(ra["stages"], rb["stages"]): assert abs(sa["miou"] - sb["miou"]) <= 0.5, (sa, sb)
