@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 # %% ../nbs/14_distillation.ipynb #f7c69295
-from .engine import (Stage, DistillConfig, register_stage, stage_settings, stage_init, stage_output,
+from .engine import (Stage, DistillConfig, register_stage, check_resume_settings, previous_stage, stage_settings, stage_init, stage_output,
                      load_checkpoint, build_network, IGNORE_INDEX, ddp_kwargs)
 from .consistency import strong_view, warp, ViewGeometry
 from .stage1 import frozen_bn_statistics
@@ -138,8 +138,11 @@ def default_student_weights(cfg, name:str, teacher_path, kind:str) -> Path|None:
     "The weights file of `student_init` `kind` ('simclr' | 'supervised') when `<name>.student_weights` is empty."
     s = stage_settings(cfg, name)
     if s.student_weights: return Path(s.student_weights)
-    if cfg.model.name.startswith("deeplab"): return Path(cfg.model.pretrained) if cfg.model.pretrained else None
-    root = Path(teacher_path).parent.parent
+    if cfg.model.name.startswith("deeplab"):          # model.pretrained, if it holds weights of the kind asked for
+        wanted = "simclrv2" if kind == "simclr" else "imagenet"
+        return Path(cfg.model.pretrained) if cfg.model.pretrained and cfg.model.pretrained_kind == wanted else None
+    teacher_path = Path(teacher_path)                  # the run folder: OUT/<previous stage>/checkpoint.pt or OUT/checkpoint.pt
+    root = teacher_path.parent.parent if teacher_path.parent.name == previous_stage(name) else teacher_path.parent
     return root / "simclr" / "simclr.pt" if kind == "simclr" else root / "source_only" / "checkpoint.pt"
 
 def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dict, optimizer=None,
@@ -158,7 +161,8 @@ def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dic
         if path is None:
             raise ValueError(f"{name}.student_init={how} on {cfg.model.name} needs a ResNet-101 weights file: "
                              f"--{name}.student_weights FILE ({'SimCLRv2' if how == 'simclr' else 'ImageNet'} weights, "
-                             f"torchvision key names) or --model.pretrained FILE")
+                             f"torchvision key names) or --model.pretrained FILE --model.pretrained_kind "
+                             f"{'simclrv2' if how == 'simclr' else 'imagenet'}")
         load_backbone_weights(model, path, kind="simclrv2" if how == "simclr" else "imagenet")
         if how == "simclr": add_extra_bn(model, optimizer)
         return f"{how} backbone weights {path}"
@@ -201,7 +205,8 @@ class Distillation(Stage):
         out = stage_output(cfg, self.name, init)          # never over the teacher's own checkpoint
         cfg.run.out = str(out); trainer.out = out
         state = _model_weights(load_checkpoint(init, map_location=env.device))
-        self.teacher = build_network(cfg).to(env.device)
+        bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=""))   # all weights come from `init`
+        self.teacher = build_network(bare).to(env.device)
         _load_model_state(self.teacher, state, f"{self.name} teacher {init}")
         self.teacher.eval().requires_grad_(False)
         model = trainer.raw_model
@@ -248,10 +253,8 @@ class Distillation(Stage):
     def state_dict(self) -> dict: return {"settings": asdict(self.s)}
 
     def load_state_dict(self, state:dict):
-        saved = state.get("settings", {})
-        for key in ("student_init", "beta", "threshold", "temperature", "strong_view", "flip"):
-            if key in saved and saved[key] != getattr(self.s, key):
-                raise ValueError(f"checkpoint's {self.name} was run with {key}={saved[key]!r}, this run has {key}={getattr(self.s, key)!r}")
+        check_resume_settings(state.get("settings", {}), self.s,
+                              ("student_init", "beta", "threshold", "temperature", "strong_view", "flip"), self.name)
 
 @register_stage("stage3")
 class Stage3(Distillation):

@@ -8,10 +8,11 @@ __all__ = ['Size2', 'PRESETS', 'SECTIONS', 'STAGES', 'STAGE_MODULES', 'IGNORE_IN
            'Stage1Config', 'WarmupConfig', 'DistillConfig', 'Config', 'get_config', 'option_types', 'parse_value',
            'set_option', 'config_to_dict', 'config_from_dict', 'poly_factor', 'split_batch', 'DistEnv',
            'init_distributed', 'all_reduce_sum', 'mix_seed', 'GlobalBatchSampler', 'seeded_rngs', 'SeededSamples',
-           'InfiniteLoader', 'register_stage', 'get_stage', 'Stage', 'segmentation_ce', 'SourceOnly', 'previous_stage',
-           'stage_settings', 'stage_init', 'apply_stage_schedule', 'stage_output', 'atomic_save', 'rng_states',
-           'set_rng_states', 'load_checkpoint', 'sliding_logits', 'evaluate', 'headline_classes', 'headline_miou',
-           'NonFiniteLossError', 'ddp_kwargs', 'autocast_for', 'build_datasets', 'build_network', 'Trainer']
+           'InfiniteLoader', 'register_stage', 'get_stage', 'Stage', 'check_resume_settings', 'segmentation_ce',
+           'SourceOnly', 'previous_stage', 'stage_settings', 'stage_init', 'apply_stage_schedule', 'stage_output',
+           'atomic_save', 'rng_states', 'set_rng_states', 'load_checkpoint', 'sliding_logits', 'evaluate',
+           'headline_classes', 'headline_miou', 'NonFiniteLossError', 'ddp_kwargs', 'autocast_for', 'build_datasets',
+           'build_network', 'Trainer']
 
 # %% ../nbs/05_engine.ipynb #1869d184
 import contextlib, dataclasses, difflib, inspect, json, math, os, random, tempfile, time
@@ -438,6 +439,12 @@ class Stage:
         return {}
     def load_state_dict(self, state:dict): pass
 
+def check_resume_settings(saved:dict, current, keys, what:str):
+    "Refuse to resume a stage whose checkpoint was written with other values of the settings `keys` (a changed loss)."
+    for key in keys:
+        if key in saved and saved[key] != getattr(current, key):
+            raise ValueError(f"checkpoint's {what} was run with {key}={saved[key]!r}, this run has {key}={getattr(current, key)!r}")
+
 # %% ../nbs/05_engine.ipynb #0bdb71a7
 IGNORE_INDEX = 255
 
@@ -476,7 +483,8 @@ def stage_init(cfg:Config, name:str) -> Optional[Path]:
     if prev is None: return None
     out = Path(cfg.run.out)
     if (out / prev / "checkpoint.pt").is_file(): return out / prev / "checkpoint.pt"
-    return None if name == "warmup" else out / "checkpoint.pt"
+    single = out / "checkpoint.pt"                  # where a single `--stage` run of the previous stage wrote
+    return None if name == "warmup" and not single.is_file() else single
 
 def apply_stage_schedule(cfg:Config, stage) -> Config:
     "A stage's own `iters` and `lr` (its section's, or its constructor's overrides) replace schedule.iters and optim.lr."

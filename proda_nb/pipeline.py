@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 # %% ../nbs/15_pipeline.ipynb #d96ca43c
-from .engine import (Config, PIPELINE_ORDER, Trainer, stage_settings, init_distributed, build_datasets,
+from .engine import (Config, PIPELINE_ORDER, Trainer, stage_settings, stage_init, init_distributed, build_datasets,
                      build_network, load_checkpoint, headline_classes)
 
 # %% ../nbs/15_pipeline.ipynb #74084de9
@@ -37,8 +37,9 @@ def stage_config(cfg:Config, name:str, root, previous:str|None=None) -> Config:
     c = copy.deepcopy(cfg)
     c.stage, c.run.out = name, str(Path(root) / name)
     sec = stage_settings(c, name)
-    if previous and sec is not None and hasattr(sec, "init") and not sec.init:
-        sec.init = str(Path(root) / previous / "checkpoint.pt")
+    if sec is not None and not sec.init:
+        if previous: sec.init = str(Path(root) / previous / "checkpoint.pt")
+        else: sec.init = str(stage_init(cfg, name) or "")      # the chain's first stage: as a single `--stage` run in root
     return c
 
 # %% ../nbs/15_pipeline.ipynb #69ddc382

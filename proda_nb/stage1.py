@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 # %% ../nbs/12_stage1.ipynb #d97165e1
-from .engine import (Stage, Stage1Config, register_stage, segmentation_ce, load_checkpoint, poly_factor,
+from .engine import (Stage, Stage1Config, register_stage, check_resume_settings, segmentation_ce, load_checkpoint,
                              stage_init, stage_output)
 from .consistency import (weak_view, strong_view, warp, compose, prototype_kl, entropy_regularizer,
                                   create_ema_model, ema_update, ema_pairs)
@@ -143,7 +143,6 @@ class Stage1(Stage):
         if not init.is_file(): raise FileNotFoundError(missing_init_message(init, cfg))
         out = stage_output(cfg, "stage1", init)                    # never overwrite the previous stage
         cfg.run.out, trainer.out = str(out), out
-        self._stage_schedule(trainer)
         model = trainer.raw_model
         try: model.load_state_dict(_model_weights(load_checkpoint(init, map_location=env.device)))
         except RuntimeError as e: raise ValueError(f"stage1 init {init}: weights do not fit {type(model).__name__}: {e}") from None
@@ -157,17 +156,6 @@ class Stage1(Stage):
                            if self.uses_prototypes else None)
         self.ema_model = create_ema_model(model)
         self.ema_model.train()               # as the release: batch statistics of the full target batch
-
-    def _stage_schedule(self, trainer):
-        "Apply stage1.iters / stage1.lr: a fresh poly schedule over the stage's own length and learning rate."
-        cfg, s, opt = trainer.cfg, self.s, trainer.optimizer
-        if s.iters: cfg.schedule.iters = s.iters
-        if s.lr:
-            scale = s.lr / cfg.optim.lr
-            for g in opt.param_groups: g["lr"] = g["initial_lr"] = g.get("initial_lr", g["lr"]) * scale
-            cfg.optim.lr = s.lr
-        horizon, power = cfg.schedule.poly_iters or cfg.schedule.iters, cfg.schedule.power
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: poly_factor(i, horizon, power))
 
     # -- the loss ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,10 +223,8 @@ class Stage1(Stage):
     def state_dict(self) -> dict: return {"settings": asdict(self.s)}
 
     def load_state_dict(self, state:dict):
-        saved = state.get("settings", {})
-        for key in ("denoise", "sce", "gamma1", "gamma2", "init_adabn", "bn_stats"):
-            if key in saved and saved[key] != getattr(self.s, key):
-                raise ValueError(f"checkpoint's stage 1 was run with {key}={saved[key]!r}, this run has {key}={getattr(self.s, key)!r}")
+        check_resume_settings(state.get("settings", {}), self.s,
+                              ("denoise", "sce", "gamma1", "gamma2", "init_adabn", "bn_stats"), "stage 1")
 
 # %% ../nbs/12_stage1.ipynb #2e00cbd1
 ABLATION_ROWS = {

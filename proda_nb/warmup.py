@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% ../nbs/07_warmup.ipynb #1268061b
-from .engine import (Stage, WarmupConfig, register_stage, segmentation_ce, all_reduce_sum, load_checkpoint,
+from .engine import (Stage, WarmupConfig, register_stage, check_resume_settings, segmentation_ce, all_reduce_sum, load_checkpoint,
                              stage_init, stage_output)
 
 # %% ../nbs/07_warmup.ipynb #c594f74f
@@ -135,12 +135,12 @@ def _model_weights(obj) -> dict:
 class Warmup(Stage):
     "Stage 0: source CE + lambda_adv * adversarial loss on target softmax maps; a discriminator step after each optimizer step."
     uses_target = True
-    def __init__(self, settings:WarmupConfig=None, **overrides):
-        self.settings, self.overrides = settings, overrides
+    def __init__(self, **overrides):
+        self.overrides = overrides           # WarmupConfig fields that replace cfg.warmup's (tests, notebooks)
         self.kept, self.aux = [], None
 
     def _resolve(self, cfg) -> WarmupConfig:
-        w = dataclasses.replace(self.settings or cfg.warmup, **self.overrides)
+        w = dataclasses.replace(cfg.warmup, **self.overrides)
         if w.gan not in ("ls", "vanilla"): raise ValueError(f"warmup.gan={w.gan!r}; choose 'ls' or 'vanilla'")
         if w.discriminator not in DISCRIMINATORS:
             raise ValueError(f"warmup.discriminator={w.discriminator!r}; choose one of {sorted(DISCRIMINATORS)}")
@@ -253,10 +253,7 @@ class Warmup(Stage):
         return st
 
     def load_state_dict(self, state:dict):
-        saved = state.get("settings", {})
-        for key in ("discriminator", "width", "gan", "multi_level"):
-            if key in saved and saved[key] != getattr(self.w, key):
-                raise ValueError(f"checkpoint's warm-up was run with {key}={saved[key]!r}, this run has {key}={getattr(self.w, key)!r}")
+        check_resume_settings(state.get("settings", {}), self.w, ("discriminator", "width", "gan", "multi_level"), "warm-up")
         self.discriminator.load_state_dict(state["discriminator"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
         if self.aux is not None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from proda_nb.engine import PIPELINE_ORDER, get_config, load_checkpoint
+from proda_nb.engine import PIPELINE_ORDER, get_config, load_checkpoint, stage_init, stage_output
 from proda_nb.pipeline import pipeline_stages, stage_config, results_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,8 @@ def test_each_stage_starts_from_the_previous_checkpoint(chain):
 
 
 def test_rerun_one_stage_of_a_finished_chain(chain, tmp_path):
-    out, _ = chain
+    import shutil
+    out = tmp_path / "copy"; shutil.copytree(chain[0], out)                  # leave the shared chain as it was
     before = json.loads((out / "results.json").read_text())
     r = cli(*TINY, "--out", str(out), "--stage", "stage3", "--stage3.iters", "3")
     after = json.loads((out / "results.json").read_text())
@@ -113,3 +114,14 @@ def test_two_processes_run_the_same_chain(tmp_path):
     assert max((first[k].double() - last[k].double()).abs().max().item() for k in first) > 1e-2   # the chain trained
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (one, two))
     for sa, sb in zip(ra["stages"], rb["stages"]): assert abs(sa["miou"] - sb["miou"]) <= 0.5, (sa, sb)
+
+
+def test_single_stage_runs_chain_through_out(tmp_path):
+    "`--stage source_only --out OUT` then `--stage warmup --out OUT`: the warm-up starts from OUT/checkpoint.pt, writes OUT/warmup."
+    cfg = get_config(); cfg.run.out = str(tmp_path)
+    assert stage_init(cfg, "warmup") is None                                  # nothing there: the preset's initialisation
+    (tmp_path / "checkpoint.pt").touch()
+    init = stage_init(cfg, "warmup")
+    assert init == tmp_path / "checkpoint.pt" and stage_output(cfg, "warmup", init) == tmp_path / "warmup"
+    c = stage_config(cfg, "stage1", tmp_path, None)                           # a chain that starts at stage 1
+    assert c.stage1.init == str(tmp_path / "checkpoint.pt") and c.run.out == str(tmp_path / "stage1")
