@@ -64,11 +64,11 @@ def bench_size(name, probs, batch, top_k, folder):
 
 
 def bench_checkpoint(path, top_k, folder):
-    from proda_nb.engine import build_network, config_from_dict, load_checkpoint
+    from proda_nb.engine import config_from_dict, load_checkpoint
+    from proda_nb.models import network_from_checkpoint
     from proda_nb.pseudo_labels import checkpoint_id
     from proda_nb.synthcity import SynthCity
-    ck = load_checkpoint(path)
-    model = build_network(config_from_dict(ck["config"])); model.load_state_dict(ck["model"]); model.eval()
+    model = network_from_checkpoint(config_from_dict(load_checkpoint(path)["config"]).model, path)
     ds = SynthCity("target_train")
     store = build_soft_label_store(model, ds, folder / "real.pls", checkpoint_id(path), batch_size=50, top_k=top_k)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from proda_nb.engine import DistEnv, get_config, segmentation_ce
 from proda_nb.models import build_model
 from proda_nb.consistency import weak_view, strong_view, create_ema_model
 from proda_nb.pseudo_labels import build_soft_label_store, peaky_softmax
-from proda_nb.stage1 import Stage1, stage1_settings
+from proda_nb.stage1 import Stage1
 
 SETTINGS = {  # model -> (batch, source/crop size (h, w), full target image size (h, w), model kwargs, steps per sample)
     "synthcity_net": (8, (48, 96), (64, 128), {}, 4),
@@ -47,8 +47,9 @@ def make_stage(name, folder):
     cfg.stage1.weak_crop = (crop[1], crop[0])
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     trainer = types.SimpleNamespace(model=model, raw_model=model, env=DistEnv(), cfg=cfg, optimizer=opt)
-    st = Stage1(); st.trainer, st.s = trainer, stage1_settings(cfg)
+    st = Stage1(); st.bind(cfg); st.trainer = trainer
     st.ema_model = create_ema_model(model)
+    st.index_models()
     with torch.no_grad(): feats, logits = st.ema_model(torch.rand(B, 3, *full))
     K, D = logits.shape[1], feats.shape[1]
     probs = peaky_softmax(B, K, *logits.shape[-2:], seed=0)                  # a real store, read as stage 1 reads it

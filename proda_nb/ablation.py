@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 # %% ../nbs/16_ablation.ipynb #d3ea501f
-from .engine import Config, Trainer, get_config, build_network, load_checkpoint, build_datasets
-from .pipeline import run_pipeline, stage_config, PAPER_GTA5_MIOU
+from .engine import Config, Trainer, get_config, get_stage, build_datasets
+from .data import dataset_from_config
+from .models import network_from_checkpoint
+from .pipeline import run_pipeline, stage_config
 
 # %% ../nbs/16_ablation.ipynb #5a6e5420
 STAGE1_ROWS = {
@@ -35,9 +37,13 @@ def row_title(row:str) -> str:
     if row in STAGE1_ROWS: return STAGE1_ROWS[row][0]
     return "oracle (target labels)" if row == "oracle" else CHAIN_ROWS[row]
 
-def paper_miou(row:str):
-    "The paper's GTA5 -> Cityscapes mIoU of `row` (None for the oracle, which the paper does not train)."
-    return STAGE1_ROWS[row][1] if row in STAGE1_ROWS else PAPER_GTA5_MIOU.get(row)
+def paper_miou(row:str, cfg:Config|None=None):
+    "The paper's GTA5 -> Cityscapes mIoU of `row` run with `cfg`'s settings (None for the oracle, which the paper does not train)."
+    if row in STAGE1_ROWS: return STAGE1_ROWS[row][1]
+    if row == "oracle": return None
+    stage = get_stage(row)(); stage.bind(copy.deepcopy(cfg or get_config()))
+    paper = stage.paper_result()
+    return paper.miou if paper else None
 
 # %% ../nbs/16_ablation.ipynb #ef4d78e9
 def stage1_row_config(base:Config, seed_root, row:str) -> Config:
@@ -48,14 +54,10 @@ def stage1_row_config(base:Config, seed_root, row:str) -> Config:
     return c
 
 def oracle_trainer(base:Config, seed_root) -> Trainer:
-    "The source-only recipe trained on the target's labelled training images (SynthCity only)."
-    from proda_nb.synthcity import SynthCity
+    "The source-only recipe trained on the target's labelled training images (a target with training labels: SynthCity, Cityscapes)."
     c = copy.deepcopy(base); c.stage, c.run.out = "source_only", str(Path(seed_root) / "oracle")
-    d = c.data
-    if d.target != "synthcity": raise ValueError("the oracle row is built for SynthCity (its target labels are known)")
-    data = build_datasets(c, need_target=False)
-    data["source"] = SynthCity("target_train", seed=d.synthcity_seed, n=d.synthcity_n or None, augment=d.hflip,
-                               cache_dir=d.cache_dir or None)
+    data = build_datasets(c, uses_target=False)
+    data["source"] = dataset_from_config(c.data, "target", "train", "train")     # augmented as the source is
     return Trainer(c, datasets=data)
 
 def _finished(out) -> bool: return (Path(out) / "metrics.json").is_file()
@@ -123,7 +125,7 @@ def plot_feature_space(checkpoints:dict, cfg:Config, dataset, n_pixels:int=2000,
     fig, axes = plt.subplots(1, len(checkpoints), figsize=(3.2 * len(checkpoints), 3.4), squeeze=False)
     present = set()
     for ax, (title, path) in zip(axes[0], checkpoints.items()):
-        model = build_network(cfg); model.load_state_dict(load_checkpoint(path)["model"])
+        model = network_from_checkpoint(cfg.model, path)
         x, y = target_feature_sample(model, dataset, n_pixels, seed)
         xy = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed).fit_transform(x)
         ax.scatter(xy[:, 0], xy[:, 1], c=PALETTE[y] / 255, s=2, linewidths=0)

@@ -8,14 +8,15 @@ import argparse, struct, sys, warnings, zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 # %% auto #0
 __all__ = ['CITYSCAPES_LUT', 'SYNTHIA_LUT', 'PNG_SIGNATURE', 'AUGMENT_PRESETS', 'GTA5_LAYOUT', 'SYNTHIA_LAYOUT',
-           'CITYSCAPES_LAYOUT', 'DATASETS', 'DatasetLayoutError', 'UnreadableFileError', 'require_path', 'read_image',
-           'read_label_ids', 'save_png', 'png_header', 'read_png', 'read_synthia_label', 'AugmentParams', 'SegAugment',
-           'augment_preset', 'Item', 'SegDataset', 'GTA5', 'Synthia', 'Cityscapes', 'make_dataset', 'CheckReport',
-           'check_dataset', 'main']
+           'CITYSCAPES_LAYOUT', 'DATASETS', 'AUGMENT_USES', 'DatasetLayoutError', 'UnreadableFileError', 'require_path',
+           'read_image', 'read_label_ids', 'save_png', 'png_header', 'read_png', 'read_synthia_label', 'AugmentParams',
+           'SegAugment', 'augment_preset', 'Item', 'SegDataset', 'GTA5', 'Synthia', 'Cityscapes', 'DatasetEntry',
+           'register_dataset', 'discover_plugins', 'make_dataset', 'DataConfig', 'dataset_from_config',
+           'training_augment', 'CheckReport', 'check_dataset', 'main']
 
 # %% ../nbs/02_data.ipynb #815a5127
 import numpy as np
@@ -440,22 +441,106 @@ class Cityscapes(SegDataset):
     def read_label(self, path) -> np.ndarray: return CITYSCAPES_LUT[read_label_ids(path).astype(np.uint8)]
 
 # %% ../nbs/02_data.ipynb #45ea31ca
-DATASETS = {"gta5": GTA5, "synthia": Synthia, "cityscapes": Cityscapes}
-"The real datasets `make_dataset` knows, by name (plus the procedural 'synthcity')."
+class DatasetEntry(NamedTuple):
+    "A registered dataset: `build(root, split, **opts)`, `from_config(data, domain, split, augment)`, whether it needs a root."
+    build: Callable
+    from_config: Callable
+    needs_root: bool = True
+
+DATASETS: dict = {}
+"Every registered dataset by name: `make_dataset` and `dataset_from_config` build them."
+
+def register_dataset(name:str, build:Callable, from_config:Callable, needs_root:bool=True) -> DatasetEntry:
+    "Make dataset `name` known to `make_dataset` and to the run's `data.source` / `data.target`."
+    DATASETS[name.lower()] = entry = DatasetEntry(build, from_config, needs_root)
+    return entry
+
+_DISCOVERED: list = []
+
+def discover_plugins():
+    """Import every module of the package once, so that the datasets, stages and presets they register are known;
+    then load the `proda_nb.plugins` entry points of installed packages."""
+    if _DISCOVERED: return
+    _DISCOVERED.append(True)                      # first: a module imported below may ask again
+    import importlib, pkgutil
+    package = importlib.import_module(__package__ or "proda_nb")
+    try:
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            if not info.name.startswith("_"): importlib.import_module(f"{package.__name__}.{info.name}")
+    except BaseException:
+        _DISCOVERED.clear(); raise
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="proda_nb.plugins"):
+        try: ep.load()
+        except Exception as e: warnings.warn(f"plugin {ep.name} ({ep.value}) failed to load: {e}", stacklevel=2)
+
+def _entry(name:str) -> DatasetEntry:
+    key = name.lower()
+    if key not in DATASETS: discover_plugins()
+    if key not in DATASETS: raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[key]
 
 def make_dataset(name:str, root=None, split:str="train", **opts) -> torch.utils.data.Dataset:
-    "Dataset `name` ('gta5', 'synthia', 'cityscapes', 'synthcity') at `root`, split `split`; `opts` go to its class."
-    key = name.lower()
-    if key == "synthcity":
-        from proda_nb.synthcity import SynthCity
-        if root is not None: raise ValueError("synthcity is generated, it takes no root (pass root=None)")
-        return SynthCity(split, **opts)
-    if key not in DATASETS: raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, synthcity")
-    if root is None: raise ValueError(f"dataset {name!r} needs a root folder")
-    if key == "cityscapes": return Cityscapes(root, split, **opts)
-    if split not in ("train", "all"):
-        raise ValueError(f"{name} has no split {split!r}: use 'train' (or 'all') and select frames with split_file=")
-    return DATASETS[key](root, **opts)
+    "Dataset `name` (see `DATASETS`) at `root`, split `split`; `opts` go to its class."
+    entry = _entry(name)
+    if entry.needs_root and root is None: raise ValueError(f"dataset {name!r} needs a root folder")
+    if not entry.needs_root and root is not None: raise ValueError(f"{name} is generated, it takes no root (pass root=None)")
+    return entry.build(root, split, **opts)
+
+# %% ../nbs/02_data.ipynb #780dd34b
+@dataclass
+class DataConfig:
+    "Which datasets, where they live, and how training crops are made."
+    source: str = "synthcity"          # source dataset: a name in DATASETS (gta5 | synthia | synthcity)
+    target: str = "synthcity"          # target dataset (train split without labels, val split for evaluation)
+    root: str = "data"                 # ROOT holding ROOT/gta5, ROOT/synthia, ROOT/cityscapes (unused by synthcity)
+    source_split: str = "train"
+    target_split: str = "train"
+    val_split: str = "val"
+    crop: Optional[Tuple[int, int]] = None   # training crop (width, height); None = whole image
+    long_side: int = 0                 # resize the long side to U(scale_range) * long_side before cropping; 0 = keep
+    scale_range: Tuple[float, float] = (1.0, 1.0)
+    hflip: bool = False                # random horizontal flip, p = 0.5 (SynthCity: its own flip + zoom augmentation)
+    val_long_side: int = 0             # resize val images (long side) for inference; 0 = full resolution
+    max_val: int = 0                   # evaluate on the first N val images only (0 = all)
+    num_workers: int = 0               # DataLoader worker processes per training process
+    synthcity_seed: int = 0            # which SynthCity world (the dataset itself, not the run)
+    synthcity_n: int = 0               # SynthCity training images per domain (0 = the whole split)
+    cache_dir: str = ""                # SynthCity cache folder ('' = $SYNTHCITY_CACHE or memory only)
+
+AUGMENT_USES = ("train", "plain", None)
+
+def dataset_from_config(data:DataConfig, domain:str="source", split:str="train", augment:str|None="train"):
+    "The `domain` ('source' | 'target') dataset of `data` for `split` ('train' | 'val'), built for `augment` (see above)."
+    if domain not in ("source", "target"): raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+    if split not in ("train", "val"): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if augment not in AUGMENT_USES: raise ValueError(f"augment must be one of {AUGMENT_USES}, got {augment!r}")
+    return _entry(data.source if domain == "source" else data.target).from_config(data, domain, split, augment)
+
+def training_augment(data:DataConfig, augment:str|None) -> SegAugment|None:
+    "The `SegAugment` of a real dataset for `augment`: the training crops, whole images at `long_side`, or nothing."
+    if augment == "train":
+        return SegAugment(long_side=data.long_side or None, scale_range=data.scale_range, crop=data.crop,
+                          hflip=0.5 if data.hflip else 0.0)   # no seed: the engine seeds every sample
+    if augment == "plain" and data.long_side: return SegAugment(long_side=data.long_side)
+    return None
+
+def _real_from_config(data:DataConfig, domain:str, split:str, augment):
+    name = data.source if domain == "source" else data.target
+    file_split = data.source_split if domain == "source" else (data.target_split if split == "train" else data.val_split)
+    return make_dataset(name, Path(data.root) / name, file_split, augment=training_augment(data, augment))
+
+def _split_dataset(cls):
+    "A GTA5/SYNTHIA builder: they have no official splits, only 'train' (or 'all') and a `split_file`."
+    def build(root, split="train", **opts):
+        if split not in ("train", "all"):
+            raise ValueError(f"{cls.__name__} has no split {split!r}: use 'train' (or 'all') and select frames with split_file=")
+        return cls(root, **opts)
+    return build
+
+register_dataset("gta5", _split_dataset(GTA5), _real_from_config)
+register_dataset("synthia", _split_dataset(Synthia), _real_from_config)
+register_dataset("cityscapes", lambda root, split="train", **opts: Cityscapes(root, split, **opts), _real_from_config)
 
 # %% ../nbs/02_data.ipynb #c4e309a1
 _LABEL_FORMATS = {  # dataset -> acceptable (bit depth, PNG colour type) of label files
@@ -523,7 +608,7 @@ def _read_ids(dataset:str, path) -> np.ndarray:
 def check_dataset(root, dataset:str, split:str="train", max_samples:int=100, seed:int=0, split_file=None) -> CheckReport:
     """Validate a dataset folder: layout, counts, sizes, size-mismatched pairs, label PNG formats, and the class
     histogram of `max_samples` randomly chosen labels (0: all). Problems go to `.errors` / `.warnings`."""
-    if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if dataset not in _LABEL_FORMATS: raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(_LABEL_FORMATS)}")
     report = CheckReport(dataset, str(root), split)
     try: items, label_dir = _scan(dataset, root, split, split_file)
     except (DatasetLayoutError, UnreadableFileError) as e:
@@ -583,7 +668,7 @@ def main(argv:Sequence[str]|None=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a dataset folder and print a report")
     check.add_argument("root", help="the dataset's root folder")
-    check.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    check.add_argument("--dataset", required=True, choices=sorted(_LABEL_FORMATS))
     check.add_argument("--split", default="train", help="Cityscapes split (train, val, test); default train")
     check.add_argument("--split-file", default=None, help="GTA5/SYNTHIA: text file listing the frames to check")
     check.add_argument("--max-samples", type=int, default=100, help="labels decoded for the class histogram (0: all)")

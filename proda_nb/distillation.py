@@ -5,26 +5,29 @@
 # %% ../nbs/14_distillation.ipynb #492f1bb3
 from __future__ import annotations
 import dataclasses
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['STUDENT_INITS', 'softened_softmax', 'distill_kl', 'resize_logits', 'kd_loss', 'release_kd_value', 'teacher_probs',
-           'labels_from_probs', 'teacher_labels', 'distill_settings', 'missing_teacher_message', 'add_extra_bn',
+__all__ = ['STUDENT_INITS', 'PAPER_STAGE2', 'softened_softmax', 'distill_kl', 'resize_logits', 'kd_loss', 'release_kd_value',
+           'teacher_outputs', 'probs_from_outputs', 'teacher_probs', 'labels_from_probs', 'teacher_labels',
+           'DistillConfig', 'Stage3Config', 'check_distill_settings', 'stage2_paper_row', 'has_extra_bn',
            'default_student_weights', 'init_student', 'Distillation', 'Stage3']
 
 # %% ../nbs/14_distillation.ipynb #97e32845
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
 from torch import Tensor
 
 # %% ../nbs/14_distillation.ipynb #f7c69295
-from .engine import (Stage, DistillConfig, register_stage, check_resume_settings, previous_stage, stage_settings, stage_init, stage_output,
-                     load_checkpoint, build_network, IGNORE_INDEX, ddp_kwargs)
+from fastcore.basics import patch
+from .engine import (Stage, StageConfig, PaperResult, register_stage, check_resume_settings, previous_stage,
+                             stage_settings, segmentation_ce, checkpoint_weights, load_checkpoint, load_model_weights,
+                             barrier)
+from .labels import IGNORE_INDEX
+from .models import build_network, frozen_bn_statistics, load_backbone_weights
 from .consistency import strong_view, warp, ViewGeometry
-from .stage1 import frozen_bn_statistics
 
 # %% ../nbs/14_distillation.ipynb #c96cfcf8
 def softened_softmax(logits:Tensor, T:float=1.0, dim:int=1) -> Tensor:
@@ -67,14 +70,20 @@ def release_kd_value(student_logits:Tensor, teacher_logits:Tensor) -> Tensor:
 
 # %% ../nbs/14_distillation.ipynb #379dcdae
 @torch.no_grad()
+def teacher_outputs(teacher:nn.Module, images:Tensor, flip:bool=True) -> Tensor:
+    "The teacher's logits (V,B,K,H,W) at the images' resolution, in one pass: V = 2 with `flip` (the mirrored image's, flipped back), else 1."
+    B = len(images)
+    logits = resize_logits(teacher(torch.cat([images, images.flip(-1)]) if flip else images).logits, images.shape[-2:])
+    if not flip: return logits[None]
+    return torch.stack([logits[:B], logits[B:].flip(-1)])
+
+def probs_from_outputs(outputs:Tensor, T:float=1.0) -> Tensor:
+    "The average over views (dim 0) of softmax(logits / T): (B,K,H,W)."
+    return softened_softmax(outputs, T, dim=2).mean(0)
+
 def teacher_probs(teacher:nn.Module, images:Tensor, flip:bool=True, T:float=1.0) -> Tensor:
     "The teacher's softmax(logits / T) (B,K,H,W) at the images' resolution, averaged with that of the flipped images."
-    size = images.shape[-2:]
-    probs = softened_softmax(resize_logits(teacher(images).logits, size), T)
-    if flip:
-        flipped = softened_softmax(resize_logits(teacher(images.flip(-1)).logits, size), T).flip(-1)
-        probs = (probs + flipped) / 2
-    return probs
+    return probs_from_outputs(teacher_outputs(teacher, images, flip), T)
 
 @torch.no_grad()
 def labels_from_probs(probs:Tensor, threshold:float=0.95, ignore_index:int=IGNORE_INDEX) -> Tensor:
@@ -90,11 +99,26 @@ def teacher_labels(teacher:nn.Module, images:Tensor, threshold:float=0.95, flip:
     return labels_from_probs(probs, threshold, ignore_index), probs
 
 # %% ../nbs/14_distillation.ipynb #f4bf97de
+@dataclass
+class DistillConfig(StageConfig):
+    "Stages 2 and 3 (`--stage stage2|stage3`): distil the previous stage's model into a new student."
+    student_init: str = "simclr"       # simclr (self-supervised) | supervised | teacher | scratch
+    student_weights: str = ""          # weights file for student_init simclr/supervised (see the table above for the defaults)
+    threshold: float = 0.95            # teacher pixels with confidence <= threshold are ignored by the CE term
+    flip: bool = True                  # average the teacher's prediction with that of the flipped image
+    beta: float = 1.0                  # weight of KL(teacher || student) (0 = off)
+    temperature: float = 1.0           # softmax temperature of the KL term
+    strong_view: bool = True           # the student sees the strong view of the target image (False: the image itself)
+
+@dataclass
+class Stage3Config(DistillConfig):
+    "Stage 3: stage 2 again; its student starts from the teacher's weights, as in the release."
+    student_init: str = "teacher"
+
 STUDENT_INITS = ("simclr", "supervised", "teacher", "scratch")
 
-def distill_settings(cfg, name:str="stage2", overrides:dict|None=None) -> DistillConfig:
-    "A checked copy of `cfg.<name>` (a `DistillConfig`) with `overrides` applied."
-    s = dataclasses.replace(stage_settings(cfg, name), **(overrides or {}))
+def check_distill_settings(s:DistillConfig, name:str="stage2") -> DistillConfig:
+    "Raise ValueError on an invalid distillation setting; returns `s`."
     if s.student_init not in STUDENT_INITS:
         raise ValueError(f"{name}.student_init must be one of {', '.join(STUDENT_INITS)}, got {s.student_init!r}")
     if not 0.0 <= s.threshold <= 1.0: raise ValueError(f"{name}.threshold must be in [0, 1], got {s.threshold}")
@@ -102,36 +126,19 @@ def distill_settings(cfg, name:str="stage2", overrides:dict|None=None) -> Distil
     if not s.temperature > 0: raise ValueError(f"{name}.temperature must be positive, got {s.temperature}")
     return s
 
-_MAKES = {"stage2": "stage1", "stage3": "stage2"}
+PAPER_STAGE2 = {"simclr": PaperResult("ProDA stage 2: distillation, self-supervised init", 56.9),
+                "teacher": PaperResult("ProDA stage 2: distillation, stage-1 init", 56.3),
+                "supervised": PaperResult("ProDA stage 2: distillation, supervised init", 55.7)}
 
-def missing_teacher_message(path, cfg, name:str="stage2") -> str:
-    "The error for a missing teacher checkpoint: which command makes it."
-    prev, out = _MAKES.get(name, "stage1"), Path(path).parent
-    return (f"{name} distils the {prev} model, and its checkpoint {path} does not exist. Train that stage first, e.g. "
-            f"`python -m proda_nb.train --stage {prev} --out {out}`, or point to an existing checkpoint with "
-            f"`--{name}.init PATH`")
-
-def _model_weights(obj) -> dict:
-    return obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
+def stage2_paper_row(s:DistillConfig) -> PaperResult|None:
+    "The paper's stage-2 row that `s` reproduces (self-supervised init without distillation: 55.8)."
+    if s.beta == 0 and s.student_init == "simclr": return PaperResult("ProDA stage 2: self-supervised init, no distillation", 55.8)
+    return PAPER_STAGE2.get(s.student_init)
 
 # %% ../nbs/14_distillation.ipynb #098a39ba
-def add_extra_bn(model:nn.Module, optimizer=None) -> bool:
-    "Give a DeepLab `model` its extra BatchNorm after the backbone (if it has none); its parameters join the optimizer's last group."
-    if not hasattr(model, "extra_bn") or model.extra_bn is not None: return False
-    p = next(model.parameters())
-    model.extra_bn = nn.BatchNorm2d(model.backbone.out_channels).to(p.device)
-    if optimizer is not None:
-        g = optimizer.param_groups[-1]
-        g["params"].extend(model.extra_bn.parameters())
-    return True
-
-def _load_model_state(model:nn.Module, state:dict, what:str):
-    if any(k.startswith("extra_bn.") for k in state): add_extra_bn(model)
-    try: model.load_state_dict(state)
-    except RuntimeError as e: raise ValueError(f"{what}: weights do not fit {type(model).__name__}: {e}") from None
+def has_extra_bn(state:dict) -> bool:
+    "True for the weights of a DeepLab with the extra BatchNorm after the backbone."
+    return any(k.startswith("extra_bn.") for k in state)
 
 # %% ../nbs/14_distillation.ipynb #84d66121
 def default_student_weights(cfg, name:str, teacher_path, kind:str) -> Path|None:
@@ -142,120 +149,120 @@ def default_student_weights(cfg, name:str, teacher_path, kind:str) -> Path|None:
         wanted = "simclrv2" if kind == "simclr" else "imagenet"
         return Path(cfg.model.pretrained) if cfg.model.pretrained and cfg.model.pretrained_kind == wanted else None
     teacher_path = Path(teacher_path)                  # the run folder: OUT/<previous stage>/checkpoint.pt or OUT/checkpoint.pt
-    root = teacher_path.parent.parent if teacher_path.parent.name == previous_stage(name) else teacher_path.parent
+    root = teacher_path.parent.parent if teacher_path.parent.name == previous_stage(cfg, name) else teacher_path.parent
     return root / "simclr" / "simclr.pt" if kind == "simclr" else root / "source_only" / "checkpoint.pt"
 
-def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dict, optimizer=None,
-                 is_main:bool=True) -> str:
+def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dict, is_main:bool=True) -> str:
     "Initialise the student `model` as `cfg.<name>.student_init` says; returns a description of what was loaded."
     s, deeplab = stage_settings(cfg, name), cfg.model.name.startswith("deeplab")
     how = s.student_init
     if how == "scratch": return "as built (" + (f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else "random") + ")"
     if how == "teacher":
-        if any(k.startswith("extra_bn.") for k in teacher_state): add_extra_bn(model, optimizer)
-        _load_model_state(model, teacher_state, f"{name} student_init=teacher ({teacher_path})")
+        load_model_weights(model, teacher_state, f"{name} student_init=teacher ({teacher_path})")
         return f"the teacher's weights ({teacher_path})"
     path = default_student_weights(cfg, name, teacher_path, how)
     if deeplab:
-        from proda_nb.models import load_backbone_weights
         if path is None:
             raise ValueError(f"{name}.student_init={how} on {cfg.model.name} needs a ResNet-101 weights file: "
                              f"--{name}.student_weights FILE ({'SimCLRv2' if how == 'simclr' else 'ImageNet'} weights, "
                              f"torchvision key names) or --model.pretrained FILE --model.pretrained_kind "
                              f"{'simclrv2' if how == 'simclr' else 'imagenet'}")
         load_backbone_weights(model, path, kind="simclrv2" if how == "simclr" else "imagenet")
-        if how == "simclr": add_extra_bn(model, optimizer)
         return f"{how} backbone weights {path}"
     if how == "simclr":
         from proda_nb import simclr                       # notebook 13; imported here so that the other inits do not need it
         if is_main: simclr.ensure_simclr_weights(path, data_seed=cfg.data.synthcity_seed, cache_dir=cfg.data.cache_dir or None,
                                                    num_classes=cfg.model.num_classes)
-        _barrier()
+        barrier()
         simclr.load_simclr_weights(model, path)
         return f"SimCLR weights {path}"
     if not path.is_file():
         raise FileNotFoundError(f"{name}.student_init=supervised starts from the source-only model, and {path} does not "
                                 f"exist: train it with `python -m proda_nb.train --stage source_only --out {path.parent}` "
                                 f"or give a checkpoint with `--{name}.student_weights PATH`")
-    _load_model_state(model, _model_weights(load_checkpoint(path)), f"{name} student_weights {path}")
+    load_model_weights(model, checkpoint_weights(load_checkpoint(path)), f"{name} student_weights {path}")
     return f"the source-only model ({path})"
 
 # %% ../nbs/14_distillation.ipynb #5a50497c
-def _masked_ce(logits:Tensor, labels:Tensor, ignore_index:int=IGNORE_INDEX) -> Tensor:
-    "Cross-entropy averaged over the labelled pixels; 0 (with a gradient path) when none is labelled."
-    logits = resize_logits(logits, labels.shape[-2:])
-    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    return ce / (labels != ignore_index).sum().clamp_min(1)
-
-@register_stage("stage2")
+@register_stage("stage2", settings=DistillConfig, init="required", title="stage 2 (distillation)", paper=stage2_paper_row,
+                presets={"synthcity": dict(student_init="teacher", iters=120, lr=0.02),
+                         "gta5_to_cityscapes": dict(student_init="simclr", lr=6e-4)})    # head and extra BN at 10x
 class Distillation(Stage):
     "ProDA stage 2: a frozen teacher (stage 1's model) teaches a new student: source CE + CE on its labels + beta * KL."
     uses_target = True
     def __init__(self, **overrides):
-        self.overrides = overrides           # DistillConfig fields that replace cfg.<name>'s (tests, notebooks)
+        super().__init__(**overrides)
         self.teacher = None
+
+    def check_settings(self, s): check_distill_settings(s, self.name)
+
+    def configure(self, cfg, init):
+        s = self.settings
+        if cfg.model.name.startswith("deeplab") and (
+                s.student_init == "simclr" or (s.student_init == "teacher" and has_extra_bn(checkpoint_weights(init)))):
+            cfg.model.extra_bn = True
+
+    def load_init(self, model, init, path):
+        "The init checkpoint is the teacher: a frozen copy of its network (the student is initialised in `setup`)."
+        self.teacher_state, self.teacher_path = checkpoint_weights(init), Path(path)
+        bare = dataclasses.replace(self.cfg.model, pretrained="", extra_bn=has_extra_bn(self.teacher_state))
+        self.teacher = load_model_weights(build_network(bare), self.teacher_state, f"{self.name} teacher {path}")
+        self.teacher.eval().requires_grad_(False)
 
     def setup(self, trainer):
         super().setup(trainer)
-        cfg, env = trainer.cfg, trainer.env
-        setattr(cfg, self.name, distill_settings(cfg, self.name, self.overrides))
-        self.s = stage_settings(cfg, self.name)
-        init = stage_init(cfg, self.name)
-        if init is None or not Path(init).is_file(): raise FileNotFoundError(missing_teacher_message(init, cfg, self.name))
-        out = stage_output(cfg, self.name, init)          # never over the teacher's own checkpoint
-        cfg.run.out = str(out); trainer.out = out
-        state = _model_weights(load_checkpoint(init, map_location=env.device))
-        bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=""))   # all weights come from `init`
-        self.teacher = build_network(bare).to(env.device)
-        _load_model_state(self.teacher, state, f"{self.name} teacher {init}")
-        self.teacher.eval().requires_grad_(False)
-        model = trainer.raw_model
-        had_extra_bn = getattr(model, "extra_bn", None) is not None
-        self.student_from = init_student(model, cfg, self.name, init, state, trainer.optimizer, env.is_main)
-        if not had_extra_bn and getattr(model, "extra_bn", None) is not None and env.distributed:
-            # a layer added after DDP wrapped the model: wrap again so that its gradients are averaged too
-            if trainer.sync_bn: model.extra_bn = nn.SyncBatchNorm.convert_sync_batchnorm(model.extra_bn)
-            trainer.model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device] if trainer.cuda else None, **ddp_kwargs())
+        self.teacher.to(trainer.env.device)
+        self.student_from = init_student(trainer.raw_model, trainer.cfg, self.name, self.teacher_path, self.teacher_state,
+                                         trainer.env.is_main)
+        del self.teacher_state
 
-    # -- the loss ----------------------------------------------------------------------------------------------------
-    def targets(self, images:Tensor) -> tuple:
-        "The student's input, its geometry, and the teacher's full-resolution labels and distribution at T for target `images`."
-        s = self.s
-        probs = teacher_probs(self.teacher, images, s.flip)
-        labels = labels_from_probs(probs, s.threshold)
-        soft = probs if s.temperature == 1 else teacher_probs(self.teacher, images, s.flip, s.temperature)
-        if s.strong_view: x, geometry = strong_view(images)
-        else: x, geometry = images, ViewGeometry.identity(len(images), images.shape[-2:], images.device)
-        return x, geometry, labels, soft
+# %% ../nbs/14_distillation.ipynb #04792d38
+@patch
+def targets(self:Distillation, images:Tensor) -> tuple:
+    "The student's input, its geometry, and the teacher's full-resolution labels and distribution at T for target `images`."
+    s = self.settings
+    outputs = teacher_outputs(self.teacher, images, s.flip)
+    probs = probs_from_outputs(outputs)
+    labels = labels_from_probs(probs, s.threshold)
+    soft = probs if s.temperature == 1 else probs_from_outputs(outputs, s.temperature)
+    if s.strong_view: x, geometry = strong_view(images)
+    else: x, geometry = images, ViewGeometry.identity(len(images), images.shape[-2:], images.device)
+    return x, geometry, labels, soft
 
-    def loss_terms(self, batch:dict) -> dict:
-        "Every term of the distillation loss for one micro-batch (unweighted)."
-        s, model, src, tgt = self.s, self.trainer.model, batch["source"], batch["target"]
-        with frozen_bn_statistics(self.trainer.raw_model): s_logits = model(src["image"]).logits
-        terms = {"source_ce": _masked_ce(s_logits, src["label"])}
-        x, geometry, labels, soft = self.targets(tgt["image"])
-        logits = resize_logits(model(x).logits, x.shape[-2:])   # at the view's full resolution, as the teacher's outputs
-        labels, valid = warp(labels, geometry)
-        terms["target_ce"] = _masked_ce(logits, labels)
-        if s.beta > 0:
-            soft, _ = warp(soft, geometry)
-            terms["kd"] = distill_kl(logits, soft, s.temperature, valid)
-        else: terms["kd"] = logits.new_zeros(())
-        terms["teacher_labelled"] = (labels != IGNORE_INDEX).float().mean()
-        return terms
+@patch
+def loss_terms(self:Distillation, batch:dict) -> dict:
+    "Every term of the distillation loss for one micro-batch (unweighted)."
+    s, model, src, tgt = self.settings, self.trainer.model, batch["source"], batch["target"]
+    with frozen_bn_statistics(self.trainer.raw_model): s_logits = model(src["image"]).logits
+    terms = {"source_ce": segmentation_ce(s_logits, src["label"])}
+    x, geometry, labels, soft = self.targets(tgt["image"])
+    logits = resize_logits(model(x).logits, x.shape[-2:])   # at the view's full resolution, as the teacher's outputs
+    labels, valid = warp(labels, geometry)
+    terms["target_ce"] = segmentation_ce(logits, labels)
+    if s.beta > 0:
+        soft, _ = warp(soft, geometry)
+        terms["kd"] = distill_kl(logits, soft, s.temperature, valid)
+    else: terms["kd"] = logits.new_zeros(())
+    terms["teacher_labelled"] = (labels != IGNORE_INDEX).float().mean()
+    return terms
 
-    def compute_loss(self, batch):
-        t = self.loss_terms(batch)
-        loss = t["source_ce"] + t["target_ce"] + self.s.beta * t["kd"]
-        return loss, {("loss_" + k if k != "teacher_labelled" else k): v.detach() for k, v in t.items()}
+@patch
+def compute_loss(self:Distillation, batch):
+    t = self.loss_terms(batch)
+    loss = t["source_ce"] + t["target_ce"] + self.settings.beta * t["kd"]
+    return loss, {("loss_" + k if k != "teacher_labelled" else k): v.detach() for k, v in t.items()}
 
-    def state_dict(self) -> dict: return {"settings": asdict(self.s)}
+@patch
+def state_dict(self:Distillation) -> dict: return {"settings": asdict(self.settings)}
 
-    def load_state_dict(self, state:dict):
-        check_resume_settings(state.get("settings", {}), self.s,
-                              ("student_init", "beta", "threshold", "temperature", "strong_view", "flip"), self.name)
+@patch
+def load_state_dict(self:Distillation, state:dict):
+    check_resume_settings(state.get("settings", {}), self.settings,
+                          ("student_init", "beta", "threshold", "temperature", "strong_view", "flip"), self.name)
 
-@register_stage("stage3")
+# %% ../nbs/14_distillation.ipynb #90cff54b
+@register_stage("stage3", settings=Stage3Config, init="required", title="stage 3 (distillation again)",
+                paper=PaperResult("ProDA stage 3", 57.5),
+                presets={"synthcity": dict(iters=100, lr=0.01), "gta5_to_cityscapes": dict(lr=6e-4)})
 class Stage3(Distillation):
     "ProDA stage 3: stage 2 again, with stage 2's student as the teacher (settings from cfg.stage3)."

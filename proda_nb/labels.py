@@ -7,8 +7,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['NUM_CLASSES', 'IGNORE_INDEX', 'CLASSES', 'CITYSCAPES_LABEL_IDS', 'PALETTE', 'CITYSCAPES_ID_TO_TRAIN_ID',
-           'SYNTHIA_ID_TO_TRAIN_ID', 'SYNTHIA_16', 'SYNTHIA_13', 'make_lut', 'id_to_train_id', 'train_id_to_id',
-           'synthia_id_to_train_id', 'colorize', 'legend_patches', 'show_label']
+           'SYNTHIA_ID_TO_TRAIN_ID', 'SYNTHIA_16', 'SYNTHIA_13', 'CLASS_SUBSETS', 'make_lut', 'id_to_train_id',
+           'train_id_to_id', 'synthia_id_to_train_id', 'register_class_subset', 'class_subset', 'colorize',
+           'legend_patches', 'show_label']
 
 # %% ../nbs/00_labels.ipynb #142b04bd
 import numpy as np
@@ -90,6 +91,19 @@ def synthia_id_to_train_id(ids):
 SYNTHIA_16 = tuple(sorted(SYNTHIA_ID_TO_TRAIN_ID.values()))
 # train ids of the 13-class SYNTHIA protocol: SYNTHIA_16 without wall, fence, pole
 SYNTHIA_13 = tuple(i for i in SYNTHIA_16 if CLASSES[i] not in ("wall", "fence", "pole"))
+
+# %% ../nbs/00_labels.ipynb #989c3bd1
+CLASS_SUBSETS = {"19": (None, "all 19 classes"), "16": (SYNTHIA_16, "SYNTHIA's 16 classes"),
+                 "13": (SYNTHIA_13, "SYNTHIA's 13 classes")}
+"Evaluation subsets by name: (train ids, or None for every class; description)."
+
+def register_class_subset(name:str, train_ids, description:str):
+    "Make `eval.classes=name` average the IoUs of `train_ids` (None: every class), described as `description`."
+    CLASS_SUBSETS[str(name)] = (None if train_ids is None else tuple(int(i) for i in train_ids), description)
+
+def class_subset(name:str):
+    "(train ids or None, description) of the subset registered as `name`, or None if there is none."
+    return CLASS_SUBSETS.get(str(name))
 
 # %% ../nbs/00_labels.ipynb #0d842504
 _COLOR_LUT = np.zeros((256, 3), dtype=np.uint8)

@@ -4,14 +4,18 @@
 
 # %% ../nbs/03_models.ipynb #bd37d722
 from __future__ import annotations
+import contextlib, dataclasses, pickle, re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CAFFE_BGR_MEAN', 'INPUT_NORMS', 'WEIGHT_KINDS', 'MODELS', 'SegOutput', 'InputNorm',
-           'ResNetBackbone', 'ASPPClassifier', 'SEBlock', 'conv_gn_relu', 'ProDAHead', 'DeepLab', 'WeightLoadError',
-           'unwrap_state_dict', 'load_backbone_weights', 'conv_bn_relu', 'ResidualBlock', 'ContextModule',
-           'SynthCityNet', 'build_model']
+           'ResNetBackbone', 'ASPPClassifier', 'SEBlock', 'conv_gn_relu', 'ProDAHead', 'batchnorms', 'DeepLab',
+           'WeightLoadError', 'WeightFileError', 'read_weights_file', 'unwrap_state_dict', 'load_backbone_weights',
+           'conv_bn_relu', 'ResidualBlock', 'ContextModule', 'SynthCityNet', 'build_model', 'ModelConfig',
+           'build_network', 'checkpoint_model_state', 'load_weights', 'network_from_checkpoint', 'bn_layers',
+           'bn_buffers', 'frozen_bn_statistics', 'adapt_batchnorm']
 
 # %% ../nbs/03_models.ipynb #812c0113
 import torch
@@ -117,7 +121,8 @@ class ProDAHead(nn.Module):
         return SegOutput(features, self.classifier(self.dropout(features)))
 
 # %% ../nbs/03_models.ipynb #8bef06ab
-def _batchnorms(module:nn.Module) -> list[nn.Module]:
+def batchnorms(module:nn.Module) -> list[nn.Module]:
+    "Every BatchNorm layer of `module` (1d, 2d, 3d, SyncBatchNorm)."
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 class DeepLab(nn.Module):
@@ -145,13 +150,13 @@ class DeepLab(nn.Module):
     def freeze_batchnorm(self, frozen:bool=True):
         "Keep every BatchNorm in eval mode (running statistics fixed) with its affine weights frozen, or undo it."
         self.freeze_bn = frozen
-        for bn in _batchnorms(self): bn.requires_grad_(not frozen)
+        for bn in batchnorms(self): bn.requires_grad_(not frozen)
         return self.train(self.training)
 
     def train(self, mode:bool=True):
         super().train(mode)
         if self.freeze_bn:
-            for bn in _batchnorms(self): bn.eval()
+            for bn in batchnorms(self): bn.eval()
         return self
 
     def param_groups(self, lr:float, head_lr_mult:float=10.0) -> list[dict]:
@@ -161,13 +166,37 @@ class DeepLab(nn.Module):
         return [dict(params=trainable(self.backbone.parameters()), lr=lr, name="backbone"),
                 dict(params=trainable(head), lr=lr * head_lr_mult, name="head")]
 
-# %% ../nbs/03_models.ipynb #26bf6d6c
-class WeightLoadError(RuntimeError):
+# %% ../nbs/03_models.ipynb #0473ede7
+class WeightLoadError(ValueError):
     "A weight file does not fit the model; `.missing`, `.unexpected` and `.mismatched` hold the offending keys."
     def __init__(self, message:str, missing=(), unexpected=(), mismatched=()):
         super().__init__(message)
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
 
+class WeightFileError(WeightLoadError):
+    "A weights or checkpoint file that cannot be read safely; the message names the file."
+
+def read_weights_file(path, what:str="checkpoint", map_location="cpu", safe_globals=()) -> object:
+    "`torch.load(path, weights_only=True)` (with `safe_globals` allow-listed), or a one-line error naming `path`."
+    path = Path(path)
+    if path.is_dir(): raise WeightFileError(f"{what} {path} is a folder, not a file")
+    if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
+    allowed = torch.serialization.safe_globals(list(safe_globals)) if safe_globals else contextlib.nullcontext()
+    try:
+        with allowed: return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        kind = f"a {found[1]} object" if found else "Python objects"
+        if "Weights only load failed" in str(e):
+            raise WeightFileError(f"cannot read {what} {path}: it holds {kind}, which the safe loader (weights_only=True) "
+                                  "does not build; files are never loaded with weights_only=False") from None
+        raise WeightFileError(f"cannot read {what} {path}: not a PyTorch file (corrupt?)") from None
+    except Exception as e:                     # garbage makes the unpickler fail in many ways
+        first = str(e).strip().split("\n")[0].split(". ")[0][:120]
+        raise WeightFileError(f"cannot read {what} {path}: not a complete PyTorch file (truncated or corrupt?): "
+                              f"{type(e).__name__}{': ' + first if first else ''}") from None
+
+# %% ../nbs/03_models.ipynb #26bf6d6c
 WEIGHT_KINDS = ("imagenet", "simclrv2")
 _WRAPPER_KEYS = ("state_dict", "resnet")
 _PREFIXES = ("module.", "backbone.")
@@ -199,12 +228,10 @@ def load_backbone_weights(model:nn.Module, path, kind:str="imagenet", max_listed
     "Load a ResNet-101 state dict file (`kind` 'imagenet' or 'simclrv2', torchvision key names) into `model.backbone`."
     if kind not in WEIGHT_KINDS: raise ValueError(f"kind={kind!r}; choose one of {WEIGHT_KINDS}")
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"backbone weight file not found: {path}")
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, ResNetBackbone):
         raise TypeError(f"{type(model).__name__} has no ResNet-101 `backbone` to load {path} into")
-    try: obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise WeightLoadError(f"cannot read {path} as a PyTorch state dict: {e}") from e
+    obj = read_weights_file(path, "backbone weight file")
     given = unwrap_state_dict(obj, kind)
     expected = backbone.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}   # older files do not have these
@@ -289,3 +316,98 @@ def build_model(name:str, num_classes:int=19, **kwargs) -> nn.Module:
     "Build a model by name ('deeplab_r101' or 'synthcity_net'); `kwargs` go to its class."
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+# %% ../nbs/03_models.ipynb #5131ce6b
+@dataclass
+class ModelConfig:
+    "Which network (see `build_model`)."
+    name: str = "synthcity_net"        # synthcity_net | deeplab_r101
+    num_classes: int = 19
+    head: str = "proda"                # deeplab_r101 only: proda (the release's head) | aspp (DeepLabv2)
+    pretrained: str = ""               # backbone weights file for deeplab_r101 ('' = none)
+    pretrained_kind: str = "imagenet"  # imagenet | simclrv2
+    freeze_bn: bool = False            # deeplab_r101 only: BatchNorm in eval mode with frozen affine weights
+    extra_bn: bool = False             # deeplab_r101 only: a BatchNorm between the backbone and the head (SimCLRv2 students)
+
+def build_network(model:ModelConfig) -> nn.Module:
+    "The network `model` describes, with its backbone weights loaded when `model.pretrained` is set."
+    kw = dict(num_classes=model.num_classes)
+    if model.name.startswith("deeplab"): kw.update(head=model.head, freeze_bn=model.freeze_bn, extra_bn=model.extra_bn)
+    elif model.extra_bn or model.freeze_bn:
+        raise ValueError(f"model.extra_bn and model.freeze_bn are DeepLab options; model.name={model.name!r} has neither")
+    net = build_model(model.name, **kw)
+    if model.pretrained: load_backbone_weights(net, model.pretrained, kind=model.pretrained_kind)
+    return net
+
+# %% ../nbs/03_models.ipynb #c8f1e3c4
+def checkpoint_model_state(obj, ema:bool=False) -> dict:
+    "The model's state dict in a checkpoint `obj` (its stage's EMA model with `ema`), or `obj` itself for a plain state dict."
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
+        if ema: raise ValueError("a plain state dict holds no EMA model")
+        return obj
+    if not ema: return obj["model"]
+    state = (obj.get("stage") or {}).get("state") or {}
+    weights = state.get("ema_model", obj.get("ema_model"))      # older checkpoints kept it beside the stage's state
+    if weights is None: raise ValueError("the checkpoint holds no EMA model")
+    return weights
+
+def load_weights(model:nn.Module, state:dict, what:str) -> nn.Module:
+    "`model.load_state_dict(state)`, strictly, with a one-line error that names `what` and the first mismatched keys."
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise WeightLoadError(f"{what} does not fit {type(model).__name__}: missing keys ({len(missing)}) {_first(missing, 5)}; "
+                              f"unexpected keys ({len(unexpected)}) {_first(unexpected, 5)}; "
+                              f"shape mismatches ({len(shapes)}) {_first(shapes, 5)}", missing, unexpected, shapes)
+    model.load_state_dict(state)
+    return model
+
+def network_from_checkpoint(model:ModelConfig, path, ema:bool=False, map_location="cpu") -> nn.Module:
+    "The network of checkpoint `path` (built as `model` says, with the options its weights imply), in eval mode."
+    state = checkpoint_model_state(read_weights_file(path, "checkpoint", map_location), ema)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightFileError(f"checkpoint {path} holds no model weights (a dict of tensors)")
+    extra_bn = any(k.startswith("extra_bn.") for k in state)
+    cfg = dataclasses.replace(model, pretrained="", extra_bn=extra_bn)
+    net = build_network(cfg)
+    return load_weights(net, state, f"checkpoint {path}").to(map_location).eval()
+
+# %% ../nbs/03_models.ipynb #5c3ab3c7
+def bn_layers(model:nn.Module) -> list:
+    "The BatchNorm layers in training mode that track running statistics."
+    return [m for m in batchnorms(model) if m.training and m.track_running_stats]
+
+def bn_buffers(model:nn.Module) -> list:
+    "Running means and variances of `bn_layers(model)`."
+    return [b for m in bn_layers(model) for b in (m.running_mean, m.running_var)]
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model:nn.Module|list):
+    """Inside the block, BatchNorm layers still normalise with batch statistics but leave their running averages
+    unchanged. `model`: a module, or the list of its BatchNorm layers (found once, for a loop)."""
+    layers = batchnorms(model) if isinstance(model, nn.Module) else model
+    saved = [m.momentum for m in layers]
+    for m in layers: m.momentum = 0.0
+    try: yield
+    finally:
+        for m, mom in zip(layers, saved): m.momentum = mom
+
+@torch.no_grad()
+def adapt_batchnorm(model:nn.Module, dataset, batch_size:int=50, max_images:int=0, device=None) -> nn.Module:
+    """AdaBN: replace the running mean/variance of every BatchNorm layer of `model` by the average of the batch
+    statistics over `dataset` (the first `max_images` if > 0), in train-mode forward passes. Weights are unchanged."""
+    device = device or next(model.parameters()).device
+    layers, was_training = batchnorms(model), model.training
+    saved = [m.momentum for m in layers]
+    for m in layers: m.reset_running_stats(); m.momentum = None; m.train()   # momentum None = cumulative average
+    n = min(len(dataset), max_images) if max_images else len(dataset)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
+    try:
+        for batch in loader: model(batch["image"].to(device))
+    finally:
+        for m, mom in zip(layers, saved): m.momentum = mom
+        model.train(was_training)
+    return model

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 # %% ../nbs/13_simclr.ipynb #db0fbe5f
 from .engine import atomic_save
-from .models import SynthCityNet, WeightLoadError
+from .models import SynthCityNet, WeightFileError, WeightLoadError, load_weights, read_weights_file
 from .synthcity import SynthCity
 
 # %% ../nbs/13_simclr.ipynb #617fa212
@@ -194,9 +194,7 @@ SIMCLR_FORMAT = "proda_nb.simclr/1"
 def read_simclr_file(path) -> dict:
     "Read a `proda_nb.simclr` weight file, naming the file in every error."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"SimCLR weight file not found: {path}")
-    try: obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise WeightLoadError(f"cannot read {path} as a PyTorch file: {e}") from e
+    obj = read_weights_file(path, "SimCLR weight file")
     if not isinstance(obj, dict) or obj.get("format") != SIMCLR_FORMAT:
         found = obj.get("format", "no 'format' key") if isinstance(obj, dict) else type(obj).__name__
         raise WeightLoadError(f"{path} is not a SimCLR weight file written by proda_nb.simclr "
@@ -212,7 +210,7 @@ def ensure_simclr_weights(path, data_seed:int=0, settings:SimCLRSettings|None=No
     path, s = Path(path), settings or SimCLRSettings()
     if path.exists():
         try: saved = read_simclr_file(path)
-        except WeightLoadError as e:
+        except (WeightLoadError, WeightFileError) as e:
             raise FileExistsError(f"{e}; refusing to overwrite it: delete it or choose another path") from e
         if saved.get("data_seed") == data_seed and _plain(saved.get("settings", {})) == _plain(asdict(s)): return path
     torch.manual_seed(s.seed)
@@ -232,18 +230,8 @@ def load_simclr_weights(model:nn.Module, path, classifier:str="classifier") -> n
     head = getattr(model, classifier, None)
     if head is None or not hasattr(head, "reset_parameters"):
         raise TypeError(f"{type(model).__name__} has no `{classifier}` layer to re-initialise")
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    mismatched = [f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-                  if k in saved and saved[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        show = lambda ks: ", ".join(ks[:8]) + (f", ... ({len(ks) - 8} more)" if len(ks) > 8 else "")
-        raise WeightLoadError(f"{path} does not fit {type(model).__name__}:\n  missing keys ({len(missing)}): "
-                              f"{show(missing)}\n  unexpected keys ({len(unexpected)}): {show(unexpected)}\n"
-                              f"  shape mismatches, file vs model ({len(mismatched)}): {show(mismatched)}",
-                              missing, unexpected, mismatched)
-    model.load_state_dict(saved, strict=False)
+    own_head = {k: v for k, v in model.state_dict().items() if k.startswith(classifier + ".")}
+    load_weights(model, {**saved, **own_head}, str(path))          # every key but the classifier's must fit
     head.reset_parameters()
     return model
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_synthcity.ipynb #04eb37e0
 from __future__ import annotations
-import functools, os, tempfile, time
+import functools, os, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,11 @@ __all__ = ['ROAD', 'SIDEWALK', 'BUILDING', 'FENCE', 'POLE', 'SIGN', 'VEGETATION'
 
 # %% ../nbs/04_synthcity.ipynb #08c8fd8e
 import numpy as np
-import torch
 from scipy import ndimage
 
-from .labels import CLASSES, IGNORE_INDEX, NUM_CLASSES, colorize
-from .data import Item, SegAugment, SegDataset
+from .labels import CLASSES, IGNORE_INDEX, register_class_subset
+from .data import Item, SegAugment, SegDataset, register_dataset
+from .engine import register_preset
 
 # %% ../nbs/04_synthcity.ipynb #9b4a0010
 ROAD, SIDEWALK, BUILDING, FENCE, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = 0, 1, 2, 4, 5, 7, 8, 9, 10, 11, 13
@@ -399,6 +399,23 @@ class SynthCity(SegDataset):
 
     def __repr__(self) -> str:
         return f"SynthCity({self.split!r}, {len(self)} images {self.size[0]}x{self.size[1]}, augment={self.augment})"
+
+# %% ../nbs/04_synthcity.ipynb #ce9995fa
+def _from_config(data, domain:str, split:str, augment) -> SynthCity:
+    n = (data.synthcity_n if split == "train" else data.max_val) or None
+    return SynthCity(f"{domain}_{split}", seed=data.synthcity_seed, n=n, augment=bool(augment == "train" and data.hflip),
+                     cache_dir=data.cache_dir or None)
+
+register_dataset("synthcity", lambda root, split="source_train", **opts: SynthCity(split, **opts), _from_config,
+                 needs_root=False)
+register_class_subset("synthcity", SYNTHCITY_CLASSES, "SynthCity's 11 classes")
+register_preset("synthcity", {
+    "data.source": "synthcity", "data.target": "synthcity", "data.hflip": True,
+    "model.name": "synthcity_net",
+    "optim.batch_size": 16, "optim.lr": 0.1,           # a small network trained from scratch takes a large lr
+    "schedule.iters": 1000, "eval.classes": "synthcity", "run.out": "runs/synthcity",
+    "run.pipeline": "source_only,warmup,stage1,stage2,stage3"},
+    description="SynthCity on the CPU: the whole method in minutes", default=True)
 
 # %% ../nbs/04_synthcity.ipynb #34a01159
 def class_frequencies(labels, classes=SYNTHCITY_CLASSES) -> np.ndarray:

@@ -5,12 +5,13 @@
 # %% ../nbs/07_warmup.ipynb #46e004d0
 from __future__ import annotations
 import dataclasses
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
 
 # %% auto #0
 __all__ = ['DISCRIMINATORS', 'SOURCE_LABEL', 'TARGET_LABEL', 'AUX_LAYERS', 'ReleaseDiscriminator', 'AdaptSegNetDiscriminator',
-           'build_discriminator', 'gan_loss', 'discriminator_loss', 'adversarial_loss', 'AuxiliaryHead', 'Warmup']
+           'build_discriminator', 'gan_loss', 'discriminator_loss', 'adversarial_loss', 'AuxiliaryHead', 'WarmupConfig',
+           'Warmup']
 
 # %% ../nbs/07_warmup.ipynb #4a05f622
 import torch
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% ../nbs/07_warmup.ipynb #1268061b
-from .engine import (Stage, WarmupConfig, register_stage, check_resume_settings, segmentation_ce, all_reduce_sum, load_checkpoint,
-                             stage_init, stage_output)
+from fastcore.basics import patch
+from .engine import (Stage, StageConfig, PaperResult, register_stage, check_resume_settings, segmentation_ce,
+                             poly_factor)
 
 # %% ../nbs/07_warmup.ipynb #c594f74f
 class ReleaseDiscriminator(nn.Module):
@@ -110,152 +112,142 @@ class AuxiliaryHead(nn.Module):
         if kept is None: raise RuntimeError(f"no {self.layer} output kept: run the model with capture on first")
         return self.classifier(kept)
 
+# %% ../nbs/07_warmup.ipynb #6ae5b88a
+@dataclass
+class WarmupConfig(StageConfig):
+    "The warm-up (`--stage warmup`): AdaptSegNet's output-space adversarial training."
+    discriminator: str = "release"     # release | adaptsegnet
+    width: int = 64                    # discriminator channels in its first layer
+    gan: str = "ls"                    # ls (least squares, MSE) | vanilla (BCE with logits)
+    lambda_adv: float = 0.01           # weight of the adversarial loss on the main output
+    multi_level: bool = False          # add an auxiliary classifier + a second discriminator
+    lambda_adv_aux: float = 0.0002     # multi-level: adversarial weight on the auxiliary output
+    lambda_seg_aux: float = 0.1        # multi-level: weight of the auxiliary source cross-entropy
+    aux_layer: str = ""                # multi-level: module whose output the auxiliary classifier reads ('' = the model's default)
+    d_lr: float = 1e-4                 # discriminator Adam
+    d_betas: Tuple[float, float] = (0.9, 0.99)
+    source_label: float = 0.0
+    target_label: float = 1.0
+    upsample: bool = True              # softmax at the image size (AdaptSegNet) instead of the logits' size
+    freeze_bn: bool = True             # DeepLab only: BatchNorm frozen (the release)
+
 # %% ../nbs/07_warmup.ipynb #dc43814a
-def _average_gradients(params):
-    "Average the gradients of `params` over processes (no-op in one process)."
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1): return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads: return
-    flat = torch.cat([g.flatten() for g in grads]); all_reduce_sum(flat); flat /= dist.get_world_size()
-    i = 0
-    for g in grads: g.copy_(flat[i:i + g.numel()].view_as(g)); i += g.numel()
-
-def _broadcast(module:nn.Module):
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in module.state_dict().values(): dist.broadcast(t, 0)
-
-def _model_weights(obj) -> dict:
-    "The model's state dict from a checkpoint written by the engine, or a plain state dict."
-    return obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-
-# %% ../nbs/07_warmup.ipynb #e1dda5d6
-@register_stage("warmup")
+@register_stage("warmup", settings=WarmupConfig, init="optional", title="warm-up (AdaptSegNet)",
+                paper=PaperResult("ProDA: + warm-up", 41.6),
+                presets={"synthcity": dict(width=16, iters=200, lr=0.01)})
 class Warmup(Stage):
     "Stage 0: source CE + lambda_adv * adversarial loss on target softmax maps; a discriminator step after each optimizer step."
     uses_target = True
     def __init__(self, **overrides):
-        self.overrides = overrides           # WarmupConfig fields that replace cfg.warmup's (tests, notebooks)
+        super().__init__(**overrides)
         self.kept, self.aux = [], None
 
-    def _resolve(self, cfg) -> WarmupConfig:
-        w = dataclasses.replace(cfg.warmup, **self.overrides)
+    def check_settings(self, w:WarmupConfig):
         if w.gan not in ("ls", "vanilla"): raise ValueError(f"warmup.gan={w.gan!r}; choose 'ls' or 'vanilla'")
         if w.discriminator not in DISCRIMINATORS:
             raise ValueError(f"warmup.discriminator={w.discriminator!r}; choose one of {sorted(DISCRIMINATORS)}")
-        return w
+
+    def configure(self, cfg, init):
+        if self.settings.freeze_bn and cfg.model.name.startswith("deeplab"): cfg.model.freeze_bn = True   # before DDP sees it
 
     def setup(self, trainer):
         super().setup(trainer)
-        cfg, dev, model = trainer.cfg, trainer.env.device, trainer.raw_model
-        self.w = w = self._resolve(cfg)
-        if w.freeze_bn and hasattr(model, "freeze_batchnorm"): model.freeze_batchnorm(True)
-        cfg.warmup = w
-        self.init = init = stage_init(cfg, "warmup")
-        if init is not None:
-            sd = _model_weights(load_checkpoint(init, map_location=dev))
-            try: model.load_state_dict(sd)
-            except RuntimeError as e: raise RuntimeError(f"warmup.init={init}: weights do not fit {type(model).__name__}: {e}") from None
-            out = stage_output(cfg, "warmup", init)          # never overwrite the checkpoint it started from
-            cfg.run.out, trainer.out = str(out), out
-        K = cfg.model.num_classes
-        self.discriminator = build_discriminator(w.discriminator, K, w.width).to(dev)
+        w, K, o = self.settings, trainer.cfg.model.num_classes, trainer.cfg.optim
+        self.discriminator = trainer.adopt(build_discriminator(w.discriminator, K, w.width))
         self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=w.d_lr, betas=tuple(w.d_betas))
         if w.multi_level:
-            self.aux = AuxiliaryHead(model, K, w.aux_layer or None)
-            self.aux_discriminator = build_discriminator(w.discriminator, K, w.width).to(dev)
+            self.aux = trainer.adopt(AuxiliaryHead(trainer.raw_model, K, w.aux_layer or None))
+            self.aux_discriminator = trainer.adopt(build_discriminator(w.discriminator, K, w.width))
             self.d_optimizer.add_param_group({"params": list(self.aux_discriminator.parameters())})
-            o = cfg.optim
-            head_lr = o.lr * o.head_lr_mult
-            self.aux_optimizer = torch.optim.SGD(self.aux.parameters(), lr=head_lr, momentum=o.momentum,
+            self._aux_lr = o.lr * o.head_lr_mult
+            self.aux_optimizer = torch.optim.SGD(self.aux.parameters(), lr=self._aux_lr, momentum=o.momentum,
                                                  weight_decay=o.weight_decay)
-            self._aux_lr = head_lr
-        for m in self._trained_modules(): _broadcast(m)
-
-    def _trained_modules(self):
-        return [self.discriminator] + ([self.aux, self.aux_discriminator] if self.aux is not None else [])
 
     def _discriminators(self):
         return [self.discriminator] + ([self.aux_discriminator] if self.aux is not None else [])
 
     def _probs(self, logits:Tensor, size) -> Tensor:
-        if self.w.upsample and logits.shape[-2:] != tuple(size):
+        if self.settings.upsample and logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits.float().softmax(1)
 
-    def compute_loss(self, batch):
-        w, src, tgt = self.w, batch["source"], batch["target"]
-        model = self.trainer.model
-        if self.aux is not None: self.aux.capture = True
-        s_logits = model(src["image"]).logits
-        s_aux = self.aux() if self.aux is not None else None
-        t_logits = model(tgt["image"]).logits
-        t_aux = self.aux() if self.aux is not None else None
-        if self.aux is not None: self.aux.capture = False
-        loss_ce = segmentation_ce(s_logits, src["label"])
-        size = tgt["image"].shape[-2:]
-        for d in self._discriminators(): d.requires_grad_(False)
-        p_t = self._probs(t_logits, size)
-        loss_adv = adversarial_loss(self.discriminator(p_t), w.gan, w.source_label)
-        loss = loss_ce + w.lambda_adv * loss_adv
-        logs = {"loss_source_ce": loss_ce.detach(), "loss_adv": loss_adv.detach()}
-        kept = {"source": self._probs(s_logits.detach(), src["image"].shape[-2:]), "target": p_t.detach()}
-        if self.aux is not None:
-            loss_ce_aux = segmentation_ce(s_aux, src["label"])
-            p_t_aux = self._probs(t_aux, size)
-            loss_adv_aux = adversarial_loss(self.aux_discriminator(p_t_aux), w.gan, w.source_label)
-            loss = loss + w.lambda_seg_aux * loss_ce_aux + w.lambda_adv_aux * loss_adv_aux
-            logs.update(loss_source_ce_aux=loss_ce_aux.detach(), loss_adv_aux=loss_adv_aux.detach())
-            kept.update(source_aux=self._probs(s_aux.detach(), src["image"].shape[-2:]), target_aux=p_t_aux.detach())
-        for d in self._discriminators(): d.requires_grad_(True)
-        self.kept.append(kept)
-        return loss, logs
+# %% ../nbs/07_warmup.ipynb #e1dda5d6
+@patch
+def compute_loss(self:Warmup, batch):
+    w, src, tgt = self.settings, batch["source"], batch["target"]
+    model = self.trainer.model
+    if self.aux is not None: self.aux.capture = True
+    s_logits = model(src["image"]).logits
+    s_aux = self.aux() if self.aux is not None else None
+    t_logits = model(tgt["image"]).logits
+    t_aux = self.aux() if self.aux is not None else None
+    if self.aux is not None: self.aux.capture = False
+    loss_ce = segmentation_ce(s_logits, src["label"])
+    size = tgt["image"].shape[-2:]
+    for d in self._discriminators(): d.requires_grad_(False)
+    p_t = self._probs(t_logits, size)
+    loss_adv = adversarial_loss(self.discriminator(p_t), w.gan, w.source_label)
+    loss = loss_ce + w.lambda_adv * loss_adv
+    logs = {"loss_source_ce": loss_ce.detach(), "loss_adv": loss_adv.detach()}
+    kept = {"source": self._probs(s_logits.detach(), src["image"].shape[-2:]), "target": p_t.detach()}
+    if self.aux is not None:
+        loss_ce_aux = segmentation_ce(s_aux, src["label"])
+        p_t_aux = self._probs(t_aux, size)
+        loss_adv_aux = adversarial_loss(self.aux_discriminator(p_t_aux), w.gan, w.source_label)
+        loss = loss + w.lambda_seg_aux * loss_ce_aux + w.lambda_adv_aux * loss_adv_aux
+        logs.update(loss_source_ce_aux=loss_ce_aux.detach(), loss_adv_aux=loss_adv_aux.detach())
+        kept.update(source_aux=self._probs(s_aux.detach(), src["image"].shape[-2:]), target_aux=p_t_aux.detach())
+    for d in self._discriminators(): d.requires_grad_(True)
+    self.kept.append(kept)
+    return loss, logs
 
-    def discriminator_step(self) -> float:
-        "One Adam step of the discriminator(s) on the softmax maps kept since the last step; returns L_D."
-        w, n = self.w, len(self.kept)
-        if n == 0: return float("nan")
-        self.d_optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        pairs = [(self.discriminator, "source", "target")]
-        if self.aux is not None: pairs.append((self.aux_discriminator, "source_aux", "target_aux"))
-        for kept in self.kept:
-            with self.trainer.autocast():
-                loss = sum(discriminator_loss(d(kept[s]), d(kept[t]), w.gan, w.source_label, w.target_label)
-                           for d, s, t in pairs)
-            (loss / n).backward()
-            total += loss.item() / n
-        params = [p for d in self._discriminators() for p in d.parameters()]
-        _average_gradients(params)
-        self.d_optimizer.step()
-        self.kept = []
-        self.last_d_loss = total
-        return total
+# %% ../nbs/07_warmup.ipynb #964bdb69
+@patch
+def discriminator_step(self:Warmup) -> float:
+    "One Adam step of the discriminator(s) on the softmax maps kept since the last step; returns L_D."
+    w, n = self.settings, len(self.kept)
+    if n == 0: return float("nan")
+    self.d_optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    pairs = [(self.discriminator, "source", "target")]
+    if self.aux is not None: pairs.append((self.aux_discriminator, "source_aux", "target_aux"))
+    for kept in self.kept:
+        with self.trainer.autocast():
+            loss = sum(discriminator_loss(d(kept[s]), d(kept[t]), w.gan, w.source_label, w.target_label)
+                       for d, s, t in pairs)
+        (loss / n).backward()
+        total += loss.item() / n
+    self.trainer.sync_gradients(p for d in self._discriminators() for p in d.parameters())
+    self.d_optimizer.step()
+    self.kept = []
+    self.last_d_loss = total
+    return total
 
-    def after_step(self, iteration:int):
-        self.discriminator_step()
-        if self.aux is not None:
-            cfg = self.trainer.cfg
-            from proda_nb.engine import poly_factor
-            params = list(self.aux.parameters())
-            _average_gradients(params)
-            self.aux_optimizer.step(); self.aux_optimizer.zero_grad(set_to_none=True)
-            for g in self.aux_optimizer.param_groups:
-                g["lr"] = self._aux_lr * poly_factor(iteration, cfg.schedule.poly_iters or cfg.schedule.iters, cfg.schedule.power)
+@patch
+def after_step(self:Warmup, iteration:int):
+    self.discriminator_step()
+    if self.aux is not None:
+        cfg = self.trainer.cfg
+        factor = poly_factor(iteration, cfg.schedule.poly_iters or cfg.schedule.iters, cfg.schedule.power)
+        self.trainer.sync_gradients(self.aux.parameters())
+        self.aux_optimizer.step(); self.aux_optimizer.zero_grad(set_to_none=True)
+        for g in self.aux_optimizer.param_groups: g["lr"] = self._aux_lr * factor
 
-    def state_dict(self) -> dict:
-        st = {"settings": asdict(self.w), "discriminator": self.discriminator.state_dict(),
-              "d_optimizer": self.d_optimizer.state_dict()}
-        if self.aux is not None:
-            st.update(aux_head=self.aux.state_dict(), aux_discriminator=self.aux_discriminator.state_dict(),
-                      aux_optimizer=self.aux_optimizer.state_dict())
-        return st
+# %% ../nbs/07_warmup.ipynb #42cecf26
+@patch
+def state_dict(self:Warmup) -> dict:
+    st = {"settings": asdict(self.settings), "discriminator": self.discriminator.state_dict(),
+          "d_optimizer": self.d_optimizer.state_dict()}
+    if self.aux is not None:
+        st.update(aux_head=self.aux.state_dict(), aux_discriminator=self.aux_discriminator.state_dict(),
+                  aux_optimizer=self.aux_optimizer.state_dict())
+    return st
 
-    def load_state_dict(self, state:dict):
-        check_resume_settings(state.get("settings", {}), self.w, ("discriminator", "width", "gan", "multi_level"), "warm-up")
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.d_optimizer.load_state_dict(state["d_optimizer"])
-        if self.aux is not None:
-            self.aux.load_state_dict(state["aux_head"]); self.aux_discriminator.load_state_dict(state["aux_discriminator"])
-            self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+@patch
+def load_state_dict(self:Warmup, state:dict):
+    check_resume_settings(state.get("settings", {}), self.settings, ("discriminator", "width", "gan", "multi_level"), "warm-up")
+    self.discriminator.load_state_dict(state["discriminator"])
+    self.d_optimizer.load_state_dict(state["d_optimizer"])
+    if self.aux is not None:
+        self.aux.load_state_dict(state["aux_head"]); self.aux_discriminator.load_state_dict(state["aux_discriminator"])
+        self.aux_optimizer.load_state_dict(state["aux_optimizer"])

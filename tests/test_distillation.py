@@ -8,8 +8,9 @@ import torch
 
 from proda_nb.engine import get_config, Trainer, atomic_save, load_checkpoint
 from proda_nb.models import build_model, SegOutput
+from proda_nb.engine import missing_init_message
 from proda_nb.distillation import (kd_loss, distill_kl, release_kd_value, teacher_labels, teacher_probs,
-                                   labels_from_probs, Distillation, missing_teacher_message)
+                                   labels_from_probs, Distillation)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.synthcity_n", "32", "--data.max_val", "16", "--optim.batch_size", "4", "--run.progress", "false",
@@ -122,7 +123,7 @@ def test_teacher_frozen_student_inits_and_loss(tmp_path, teacher_ckpt):
     loss, logs = st.compute_loss(batch)
     assert logs["loss_kd"].item() == 0.0
     assert abs(loss.item() - (logs["loss_source_ce"] + logs["loss_target_ce"]).item()) < 1e-5
-    st.s.beta = 1.0
+    st.settings.beta = 1.0
     torch.manual_seed(1)                                      # same strong view
     loss1, logs1 = st.compute_loss(batch)
     assert logs1["loss_kd"].item() > 0
@@ -162,9 +163,10 @@ def test_simclr_and_supervised_inits(tmp_path, teacher_ckpt):
 def test_missing_teacher_says_which_command_to_run(tmp_path):
     r = _train("--stage", "stage2", "--out", tmp_path / "nothing")
     assert r.returncode == 2, r.stderr[-2000:]
-    assert f"{tmp_path / 'nothing' / 'checkpoint.pt'} does not exist" in r.stderr
+    assert str(tmp_path / "nothing" / "stage1" / "checkpoint.pt") in r.stderr and "Traceback" not in r.stderr
     assert "python -m proda_nb.train --stage stage1" in r.stderr and "--stage2.init" in r.stderr
-    msg = missing_teacher_message(Path("R/stage2/checkpoint.pt"), get_config(), "stage3")
+    cfg = get_config(); cfg.run.out = "R"
+    msg = missing_init_message(cfg, "stage3")
     assert "--stage stage2" in msg and "--stage3.init" in msg and "R/stage2/checkpoint.pt" in msg
 
 

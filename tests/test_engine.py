@@ -10,9 +10,7 @@ import torch.nn.functional as F
 from proda_nb.engine import (Config, GlobalBatchSampler, NonFiniteLossError, SourceOnly, Trainer, atomic_save,
                              get_config, load_checkpoint, poly_factor, set_option)
 from proda_nb.models import SegOutput, SynthCityNet
-
-torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+from conftest import max_diff, tiny_synthcity_config
 
 
 class Blobs(torch.utils.data.Dataset):
@@ -31,9 +29,7 @@ class Blobs(torch.utils.data.Dataset):
 
 
 def tiny_config(out, **overrides) -> Config:
-    cfg = get_config("synthcity")
-    cfg.schedule.iters, cfg.optim.batch_size, cfg.optim.lr = 12, 4, 0.05
-    cfg.run.out, cfg.run.progress, cfg.run.tensorboard, cfg.run.ckpt_every, cfg.run.log_every = str(out), False, False, 4, 4
+    cfg = tiny_synthcity_config(out, **{"schedule.iters": 12, "optim.lr": 0.05, "run.ckpt_every": 4, "run.log_every": 4})
     for k, v in overrides.items(): set_option(cfg, k, v)
     return cfg
 
@@ -49,10 +45,6 @@ def params(trainer):
     return {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
 
 
-def max_diff(a, b):
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
 def test_resume_equals_uninterrupted_run(tmp_path):
     full = tiny_trainer(tiny_config(tmp_path / "full"))
     m_full = full.fit()
@@ -60,7 +52,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert cut.fit() is None                                    # stopped as if killed after step 4's checkpoint
     ck = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert ck["iteration"] == 4 and ck["loaders"]["source"] == {"epoch": 1, "batch": 0, "seed": ck["loaders"]["source"]["seed"]}
-    assert ck["ema_model"] is None and ck["prototypes"] is None   # slots exist for later stages
+    assert ck["format"] == "proda_nb.checkpoint/2" and ck["stage"] == {"name": "source_only", "state": {}}
     resumed = tiny_trainer(tiny_config(tmp_path / "cut"))
     m_res = resumed.fit(resume=tmp_path / "cut" / "checkpoint.pt")
     assert resumed.iteration == 12

@@ -1,25 +1,15 @@
 """`python -m proda_nb.train` without --stage: every stage of the chain on tiny SynthCity settings, results.json,
 the figures, rerunning one stage of a finished chain, resuming an interrupted chain, and bad `run.pipeline` values."""
-import json, os, subprocess, sys
+import json
 from pathlib import Path
 
 import pytest
 
-from proda_nb.engine import PIPELINE_ORDER, get_config, load_checkpoint, stage_init, stage_output
+from proda_nb.engine import get_config, load_checkpoint, stage_init, stage_output
 from proda_nb.pipeline import pipeline_stages, stage_config, results_table
+from conftest import TINY_CHAIN as TINY, run_cli as cli
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--schedule.iters", "3", "--warmup.iters", "2", "--stage1.iters", "2", "--stage2.iters", "2",
-        "--stage3.iters", "2", "--stage2.student_init", "teacher", "--optim.batch_size", "4", "--data.synthcity_n", "16",
-        "--data.max_val", "4", "--run.ckpt_every", "0", "--run.progress", "false", "--run.tensorboard", "false"]
-
-
-def cli(*args, ok=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "proda_nb.train", *args], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-    if ok: assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+PIPELINE_ORDER = ("source_only", "warmup", "stage1", "stage2", "stage3")          # the synthcity preset's chain
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +66,8 @@ def test_interrupted_chain_resumes(tmp_path):
 
 
 def test_bad_pipeline_is_a_clear_error():
-    r = cli("--run.pipeline", "stage1,source_only", ok=False)
-    assert r.returncode == 2 and "in the order" in r.stderr
+    r = cli("--run.pipeline", "source_only,stage1,source_only", ok=False)
+    assert r.returncode == 2 and "each stage once" in r.stderr
     r = cli("--run.pipeline", "source_only,stage9", ok=False)
     assert r.returncode == 2 and "stage9" in r.stderr
 
@@ -93,7 +83,8 @@ def test_stage_config_chains_init_and_output():
 
 def test_results_table_steps():
     res = {"benchmark": "synthcity", "seed": 1, "total_seconds": 3.0,
-           "stages": [{"name": "source_only", "miou": 20.0, "seconds": 1.0}, {"name": "stage1", "miou": 31.5, "seconds": 2.0}]}
+           "stages": [{"name": "source_only", "miou": 20.0, "seconds": 1.0},
+                      {"name": "stage1", "miou": 31.5, "seconds": 2.0, "paper": ["ProDA stage 1", 53.7]}]}
     text = results_table(res)
     assert "+11.5" in text and "53.7" in text and "seed 1" in text
 
@@ -105,12 +96,12 @@ def test_two_processes_run_the_same_chain(tmp_path):
     cli(*TINY, "--optim.accum_steps", "2", "--out", str(one))
     cli(*TINY, "--gpus", "2", "--out", str(two))
     for name in PIPELINE_ORDER:
-        a, b = (torch.load(d / name / "checkpoint.pt", weights_only=False) for d in (one, two))
+        a, b = (torch.load(d / name / "checkpoint.pt", weights_only=True) for d in (one, two))
         assert (a["world_size"], b["world_size"]) == (1, 2)
         diff = max((a["model"][k].double() - b["model"][k].double()).abs().max().item()
                    for k in a["model"] if not k.endswith("num_batches_tracked"))
         assert diff <= 1e-3, (name, diff)                     # float reductions differ; the training does not
-    first, last = (torch.load(one / n / "checkpoint.pt", weights_only=False)["model"] for n in ("source_only", "stage3"))
+    first, last = (torch.load(one / n / "checkpoint.pt", weights_only=True)["model"] for n in ("source_only", "stage3"))
     assert max((first[k].double() - last[k].double()).abs().max().item() for k in first) > 1e-2   # the chain trained
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (one, two))
     for sa, sb in zip(ra["stages"], rb["stages"]): assert abs(sa["miou"] - sb["miou"]) <= 0.5, (sa, sb)
@@ -125,3 +116,29 @@ def test_single_stage_runs_chain_through_out(tmp_path):
     assert init == tmp_path / "checkpoint.pt" and stage_output(cfg, "warmup", init) == tmp_path / "warmup"
     c = stage_config(cfg, "stage1", tmp_path, None)                           # a chain that starts at stage 1
     assert c.stage1.init == str(tmp_path / "checkpoint.pt") and c.run.out == str(tmp_path / "stage1")
+
+
+def test_stop_after_in_a_chain_stops_like_a_killed_run(tmp_path):
+    "`--stop-after N` stops the chain's first stage after step N: no table, no figures; `--resume` finishes the chain."
+    out = tmp_path / "stop"
+    r = cli(*TINY, "--out", str(out), "--run.pipeline", "source_only,warmup", "--stop-after", "2", "--run.ckpt_every", "1")
+    assert "stopped after step 2 of source_only; continue with --resume" in r.stdout
+    assert "paper GTA5->CS" not in r.stdout and not (out / "per_class_iou.png").exists()
+    assert load_checkpoint(out / "source_only" / "checkpoint.pt")["iteration"] == 2
+    cli(*TINY, "--out", str(out), "--run.pipeline", "source_only,warmup", "--resume")
+    res = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in res["stages"]] == ["source_only", "warmup"]
+    assert load_checkpoint(out / "source_only" / "checkpoint.pt")["iteration"] == 3
+
+
+def test_total_seconds_counts_one_commands_overhead(chain, tmp_path):
+    "After `--stage X` on a finished chain, total = the rows' seconds + that command's own overhead, not the earlier one's."
+    import shutil, time
+    out = tmp_path / "copy"; shutil.copytree(chain[0], out)
+    t0 = time.time()
+    cli(*TINY, "--out", str(out), "--stage", "stage3")
+    wall = time.time() - t0
+    after = json.loads((out / "results.json").read_text())
+    rows = sum(s["seconds"] for s in after["stages"])
+    stage3 = next(s for s in after["stages"] if s["name"] == "stage3")["seconds"]
+    assert 0 <= after["total_seconds"] - rows <= wall - stage3 + 0.05

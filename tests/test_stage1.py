@@ -8,6 +8,7 @@ import torch
 from proda_nb.engine import get_config, Trainer, atomic_save, load_checkpoint
 from proda_nb.models import build_model
 from proda_nb.stage1 import Stage1
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.synthcity_n", "8", "--data.max_val", "4", "--optim.batch_size", "4", "--run.progress", "false",
@@ -45,7 +46,7 @@ def tiny(tmp_path_factory, init_ckpt):
 
 def _loss(tr, batch, **settings):
     st = tr.stage
-    st.s, protos = dataclasses.replace(st.s, **settings), st.prototypes.clone()
+    st.settings, protos = dataclasses.replace(st.settings, **settings), st.prototypes.clone()
     torch.manual_seed(123)
     try: return st.compute_loss(batch)
     finally: st.prototypes = protos         # every call starts from the same prototypes
@@ -73,12 +74,12 @@ def test_switches_change_the_loss_as_expected(tiny):
 def test_denoise_switch_rectifies_labels(tiny):
     tr, batch = tiny
     st, images, idx = tr.stage, batch["target"]["image"], batch["target"]["index"]
-    st.s = dataclasses.replace(st.s, denoise=False)
+    st.settings = dataclasses.replace(st.settings, denoise=False)
     feats, _, plain = st.teacher_labels(images, idx)
     soft = st.store.get(idx)
     assert soft.shape[-2:] == feats.shape[-2:]
     assert torch.equal(plain, soft.argmax(1))
-    st.s = dataclasses.replace(st.s, denoise=True, tau=1.0)
+    st.settings = dataclasses.replace(st.settings, denoise=True, tau=1.0)
     _, _, rect = st.teacher_labels(images, idx)
     # by hand: weights = softmax_k(-||f - eta_k||) over the classes that have a prototype
     protos = st.prototypes
@@ -90,7 +91,7 @@ def test_denoise_switch_rectifies_labels(tiny):
     p = soft.permute(0, 2, 3, 1).reshape(-1, soft.shape[1]).double()
     expected = (w * p).argmax(1).view(plain.shape)
     assert (rect == expected).float().mean() > 0.999
-    st.s = dataclasses.replace(st.s, denoise=True)
+    st.settings = dataclasses.replace(st.settings, denoise=True)
 
 
 def test_prototype_update_follows_the_loss(tiny, monkeypatch):
@@ -99,8 +100,8 @@ def test_prototype_update_follows_the_loss(tiny, monkeypatch):
     from proda_nb.prototypes import has_prototype, update_prototypes
     tr, batch = tiny
     st, images, idx = tr.stage, batch["target"]["image"], batch["target"]["index"]
-    settings, old, seen = st.s, st.prototypes.clone(), []
-    st.s = dataclasses.replace(st.s, gamma1=10.0, denoise=True)
+    settings, old, seen = st.settings, st.prototypes.clone(), []
+    st.settings = dataclasses.replace(st.settings, gamma1=10.0, denoise=True)
     kl = stage1.prototype_kl
     monkeypatch.setattr(stage1, "prototype_kl", lambda s, t, protos, *a, **k: seen.append(protos.clone()) or kl(s, t, protos, *a, **k))
     try:
@@ -109,19 +110,19 @@ def test_prototype_update_follows_the_loss(tiny, monkeypatch):
         assert len(seen) == 1 and torch.equal(seen[0], old[has_prototype(old)])
         torch.manual_seed(0)
         feats, logits, _ = st.teacher_labels(images, idx)
-        expected = update_prototypes(old, feats, logits.argmax(1), st.s.proto_momentum, min_pixels=st.s.proto_min_pixels)
+        expected = update_prototypes(old, feats, logits.argmax(1), st.settings.proto_momentum, min_pixels=st.settings.proto_min_pixels)
         ok = has_prototype(old)
         assert not torch.equal(st.prototypes[ok], old[ok])
         torch.testing.assert_close(st.prototypes, expected, atol=1e-6, rtol=0, equal_nan=True)
-    finally: st.s, st.prototypes = settings, old
+    finally: st.settings, st.prototypes = settings, old
 
 
 def test_missing_init_says_which_command_to_run(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "proda_nb.train", "--stage", "stage1", "--out", str(tmp_path / "nothing"),
-                        *TINY], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
+    r = run_cli("--stage", "stage1", "--out", tmp_path / "nothing", *TINY, ok=False)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "checkpoint.pt does not exist" in r.stderr and f"python -m proda_nb.train --stage source_only --out {tmp_path / 'nothing'}" in r.stderr
-    assert "--stage1.init" in r.stderr
+    assert str(tmp_path / "nothing" / "warmup" / "checkpoint.pt") in r.stderr and str(tmp_path / "nothing" / "checkpoint.pt") in r.stderr
+    assert f"python -m proda_nb.train --stage warmup --out {tmp_path / 'nothing'}" in r.stderr
+    assert "--stage1.init" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "nothing").exists()
 
 
 def test_end_to_end_cli(tmp_path, init_ckpt):
@@ -133,11 +134,12 @@ def test_end_to_end_cli(tmp_path, init_ckpt):
     assert "target val mIoU" in r.stdout
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["iteration"] == 3 and ck["stage"]["name"] == "stage1"
-    assert ck["prototypes"].shape == (19, 64) and ck["ema_model"].keys() == ck["model"].keys()
+    state = ck["stage"]["state"]                                      # the stage's own state: EMA model, prototypes
+    assert state["prototypes"].shape == (19, 64) and state["ema_model"].keys() == ck["model"].keys()
     init = load_checkpoint(init_ckpt)["model"]
     w = "classifier.weight"
     # the EMA moved (a little) from the init towards the student: 0 < |ema - init| < |student - init|
-    d_ema, d_student = (ck["ema_model"][w] - init[w]).norm(), (ck["model"][w] - init[w]).norm()
+    d_ema, d_student = (state["ema_model"][w] - init[w]).norm(), (ck["model"][w] - init[w]).norm()
     assert 0 < d_ema < d_student
     assert list(init_ckpt.parent.glob("soft_labels_*_adabn.bin")), "the store is written beside the init checkpoint"
 
@@ -174,3 +176,19 @@ def test_two_processes_keep_identical_prototypes_and_ema(tmp_path, init_ckpt):
         assert torch.allclose(a["ema"][k].float(), b["ema"][k].float(), atol=1e-6), k
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+
+
+def test_checkpoint_of_the_previous_format_still_resumes(tmp_path, init_ckpt):
+    "A checkpoint that kept the EMA model and the prototypes beside the stage's state (format 1) resumes to the same run."
+    from proda_nb.engine import atomic_save
+    base = ["--stage", "stage1", "--stage1.init", str(init_ckpt), "--stage1.iters", "4", "--run.ckpt_every", "2", *TINY]
+    run_cli(*base, "--out", tmp_path / "full")
+    run_cli(*base, "--out", tmp_path / "cut", "--stop-after", "2")
+    ck = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    state = ck["stage"]["state"]
+    ck.update(format="proda_nb.checkpoint/1", ema_model=state.pop("ema_model"), prototypes=state.pop("prototypes"))
+    atomic_save(ck, tmp_path / "cut" / "checkpoint.pt")
+    run_cli(*base, "--out", tmp_path / "cut", "--resume")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("full", "cut"))
+    assert b["iteration"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    torch.testing.assert_close(a["stage"]["state"]["prototypes"], b["stage"]["state"]["prototypes"], rtol=0, atol=0, equal_nan=True)

@@ -7,26 +7,17 @@ import pytest
 import torch
 
 from proda_nb.train import build_parser, parse_args
+from conftest import REPO, TINY_RUN, max_diff, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-# a few steps on a few images: the point is the machinery, not the accuracy
-TINY = ["--stage", "source_only", "--schedule.iters", "6", "--optim.batch_size", "4", "--data.max_val", "4", "--data.synthcity_n", "16", "--run.ckpt_every", "3",
-        "--run.log_every", "3", "--run.progress", "false", "--run.tensorboard", "false"]
+TINY = ["--stage", "source_only", "--schedule.iters", "6", "--run.ckpt_every", "3", "--run.log_every", "3", *TINY_RUN]
 
 
 def cli(args, launcher=(sys.executable, "-m", "proda_nb.train"), timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+    return run_cli(*args, launcher=launcher, timeout=timeout)
 
 
 def weights(out):
     return torch.load(Path(out) / "checkpoint.pt", weights_only=True)
-
-
-def max_diff(a, b):
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +130,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert b["iteration"] == 40 and max_diff(a["model"], b["model"]) == 0.0
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
     assert ma["miou"] == mb["miou"] and ma["iou"] == mb["iou"]
+
+
+def test_progress_on_a_log_file_is_a_few_lines(tmp_path):
+    "With stderr redirected (not a terminal) the progress is a plain line every 5 %, not carriage-return redraws."
+    r = cli([*TINY, "--schedule.iters", "40", "--run.progress", "true", "--out", str(tmp_path / "p")])
+    lines = [l for l in r.stderr.splitlines() if l.startswith("source_only: ")]
+    assert "\r" not in r.stderr and 0 < len(lines) <= 21
+    assert lines[-1].startswith("source_only: 40/40 (100%)")

@@ -1,0 +1,72 @@
+"""Shared fixtures: the command line in a subprocess, tiny SynthCity configurations and trainers, a random initial
+checkpoint, and the comparisons the tests make (weights, directory snapshots)."""
+import hashlib, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a few steps on a few images: the tests check the machinery, not the accuracy
+TINY_RUN = ["--optim.batch_size", "4", "--data.synthcity_n", "16", "--data.max_val", "4", "--run.progress", "false",
+            "--run.tensorboard", "false"]
+TINY_CHAIN = [*TINY_RUN, "--schedule.iters", "3", "--warmup.iters", "2", "--stage1.iters", "2", "--stage2.iters", "2",
+              "--stage3.iters", "2", "--stage2.student_init", "teacher", "--run.ckpt_every", "0"]
+
+
+def run_cli(*args, ok=True, launcher=(sys.executable, "-m", "proda_nb.train"), timeout=600, env=None):
+    "Run the command line (one OpenMP thread per process); with `ok`, fail the test unless it exits 0."
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    r = subprocess.run([*launcher, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok: assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def max_diff(a: dict, b: dict) -> float:
+    "Largest absolute difference between two state dicts with the same keys."
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def checkpoint_weights(out) -> dict:
+    "The model weights of OUT/checkpoint.pt."
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["model"]
+
+
+def snapshot(folder) -> dict:
+    "Every file under `folder` -> its sha256: compare two snapshots to see that nothing was written."
+    folder = Path(folder)
+    if not folder.exists(): return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny_synthcity_config(out, stage="source_only", **options):
+    "The synthcity preset cut down to seconds: 16 images per domain, batch 4, 4 val images, no bars or TensorBoard."
+    from proda_nb.engine import get_config, set_option
+    cfg = get_config("synthcity")
+    cfg.stage = stage
+    cfg.optim.batch_size, cfg.data.synthcity_n, cfg.data.max_val = 4, 16, 4
+    cfg.run.out, cfg.run.progress, cfg.run.tensorboard, cfg.run.threads = str(out), False, False, 1
+    for key, value in options.items(): set_option(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def random_init(tmp_path_factory):
+    "A checkpoint of a randomly initialised SynthCityNet (seed 0), in the engine's layout: an init for any stage."
+    from proda_nb.engine import atomic_save
+    from proda_nb.models import build_model
+    path = tmp_path_factory.mktemp("init") / "checkpoint.pt"
+    torch.manual_seed(0)
+    atomic_save({"model": build_model("synthcity_net").state_dict()}, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tests run in-process on one thread (the machine has two cores; parallel runs would fight over them)."
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
