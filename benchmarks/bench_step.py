@@ -1,6 +1,7 @@
 """Seconds per training step of the shared engine, and peak memory, on this machine.
 
     python benchmarks/bench_step.py [--deeplab-steps 2] [--synthcity-steps 20] [--skip-deeplab]
+    python benchmarks/bench_step.py --stage1 [--full 1024x512] [--crop 448x256] [--stage1-steps 2]
 
 Measures, in one run:
 1. SynthCityNet, the preset's global batch at 64x128 (the `synthcity` preset), one process;
@@ -8,8 +9,16 @@ Measures, in one run:
 3. ResNet-101 DeepLab with the release's head at the release's crop (896x512), batch 1 (after one warm-up step).
 Every step is `Trainer.train_step`: forward, source cross-entropy, backward, SGD, schedule, BN bookkeeping.
 Peak memory: the process's peak RSS on the CPU, `torch.cuda.max_memory_allocated` on CUDA.
+
+`--stage1` instead measures the real preset's stage-1 step (ResNet-101 in the release's layout, one image: the full
+target image `--full` for the momentum encoder, weak and strong views of `--crop`, a source crop of `--crop`), once
+with the source cross-entropy back-propagated before the target passes (`stage1.source_backward=early`, the
+release's order) and once with one joint backward (`joint`), each in a fresh process so that each peak is its own;
+it prints both and their ratios.
 """
-import argparse, os, resource, socket, time
+import argparse, json, os, resource, socket, subprocess, sys, tempfile, time
+
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -79,12 +88,73 @@ def free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+class FullImages(torch.utils.data.Dataset):
+    "Whole target images of one size with their index (what stage 1's target loader yields)."
+    def __init__(self, n, height, width):
+        self.x = torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(1))
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return {"image": self.x[i], "index": i, "name": str(i)}
+
+
+def stage1_worker(mode, full, crop, steps):
+    "One process: the real preset's stage-1 step with `stage1.source_backward=mode`; prints a JSON line."
+    from proda_nb.engine import atomic_save
+    from proda_nb.models import build_network
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda: torch.set_num_threads(os.cpu_count() or 1)
+    cfg = get_config("gta5_to_cityscapes"); cfg.stage = "stage1"
+    cfg.optim.batch_size, cfg.data.num_workers, cfg.run.device = 1, 0, device.type
+    (fw, fh), (cw, ch) = full, crop
+    cfg.stage1.weak_crop, cfg.stage1.weak_scale, cfg.stage1.source_backward = (cw, ch), (1.0, 1.0), mode
+    folder = Path(tempfile.mkdtemp(prefix="proda_nb_bench_stage1_"))
+    torch.manual_seed(0)
+    atomic_save({"model": build_network(cfg.model).state_dict()}, folder / "init.pt")
+    cfg.stage1.init, cfg.run.out, cfg.run.progress, cfg.run.tensorboard = str(folder / "init.pt"), str(folder / "out"), False, False
+    source, target = Fixed(1, ch, cw), FullImages(1, fh, fw)
+    tr = Trainer(cfg, env=DistEnv(device=device), datasets={"source": source, "target": target, "val": source})
+    src = {"image": source.x.to(device), "label": source.y.to(device)}
+    tgt = {"image": target.x.to(device), "index": torch.tensor([0])}
+    if cuda: torch.cuda.reset_peak_memory_stats(device)
+    tr.train_step(src, tgt)                                    # warm-up
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync(); t = time.perf_counter()
+    for _ in range(steps): tr.train_step(src, tgt)
+    sync()
+    print(json.dumps({"mode": mode, "sec": (time.perf_counter() - t) / steps, "peak_mb": peak_memory_mb(device),
+                      "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}), flush=True)
+
+
+def stage1_benchmark(args):
+    size = lambda t: tuple(int(v) for v in t.lower().split("x"))
+    rows = {}
+    for mode in ("joint", "early"):
+        r = subprocess.run([sys.executable, __file__, "--stage1-worker", mode, "--full", args.full, "--crop", args.crop,
+                            "--stage1-steps", str(args.stage1_steps)], capture_output=True, text=True)
+        if r.returncode: raise SystemExit(r.stderr[-3000:])
+        rows[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"stage 1, ResNet-101 (release layout), full {args.full}, views {args.crop}, source_backward={mode}: "
+              f"{rows[mode]['sec']:.2f} s/step, peak {'allocated' if torch.cuda.is_available() else 'RSS'} "
+              f"{rows[mode]['peak_mb']:.0f} MiB, {rows[mode]['minor_faults']} page faults")
+    j, e = rows["joint"], rows["early"]
+    print(f"early / joint: step time {e['sec'] / j['sec']:.3f}, peak memory {e['peak_mb'] / j['peak_mb']:.3f}, "
+          f"page faults {e['minor_faults'] / j['minor_faults']:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deeplab-steps", type=int, default=2)
     p.add_argument("--synthcity-steps", type=int, default=20)
     p.add_argument("--skip-deeplab", action="store_true")
+    p.add_argument("--stage1", action="store_true", help="measure the real preset's stage-1 step, early vs joint backward")
+    p.add_argument("--full", default="1024x512", help="stage 1: full target image, WxH")
+    p.add_argument("--crop", default="448x256", help="stage 1: source crop and weak view, WxH")
+    p.add_argument("--stage1-steps", type=int, default=2)
+    p.add_argument("--stage1-worker", choices=("early", "joint"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    size = lambda t: tuple(int(v) for v in t.lower().split("x"))
+    if args.stage1_worker: return stage1_worker(args.stage1_worker, size(args.full), size(args.crop), args.stage1_steps)
+    if args.stage1: return stage1_benchmark(args)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     threads = os.cpu_count() or 1

@@ -196,12 +196,16 @@ def _as_batch(images:Tensor, name:str) -> tuple[Tensor, bool]:
     raise ValueError(f"{name} expects images (C,H,W) or (B,C,H,W), got shape {tuple(images.shape)}")
 
 def weak_view(images:Tensor, crop_size:tuple[int, int], generator:torch.Generator|None=None,
-              flip_prob:float=0.5) -> tuple[Tensor, ViewGeometry]:
-    """The weak view T: a random `crop_size` (h, w) crop of each image, flipped horizontally with `flip_prob`.
+              flip_prob:float=0.5, scale_range:tuple[float, float]=(1.0, 1.0)) -> tuple[Tensor, ViewGeometry]:
+    """The weak view T: each image resized by a random factor in `scale_range` (not by default), a random `crop_size`
+    (h, w) crop of it, flipped horizontally with `flip_prob`.
 
     `images` (B,C,H,W) or (C,H,W). Returns the crops (same layout) and their `ViewGeometry` (source = `images`)."""
     x, single = _as_batch(images, "weak_view")
     (B, _, H, W), (h, w) = x.shape, tuple(crop_size)
+    lo, hi = map(float, scale_range)
+    if not 0 < lo <= hi: raise ValueError(f"weak_view: scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+    if (lo, hi) != (1.0, 1.0): return _rescaled_weak_view(x, single, (h, w), generator, flip_prob, (lo, hi))
     if h > H or w > W: raise ValueError(f"weak_view: crop_size {(h, w)} is larger than the images {(H, W)}")
     top = torch.randint(0, H - h + 1, (B,), generator=generator)
     left = torch.randint(0, W - w + 1, (B,), generator=generator)
@@ -210,6 +214,20 @@ def weak_view(images:Tensor, crop_size:tuple[int, int], generator:torch.Generato
     crops = torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip.tolist())])
     matrix = crop_matrix(top, left, (h, w), (H, W)) @ hflip_matrix(flip)
     geometry = ViewGeometry.from_matrix(matrix.to(x.device), (h, w), (H, W))
+    return (crops[0] if single else crops), geometry
+
+# %% ../nbs/11_consistency.ipynb #22af32a3
+def _rescaled_weak_view(x:Tensor, single:bool, crop_size, generator, flip_prob:float, scale_range):
+    "`weak_view` with a random rescale of each image before the crop, sampled through its geometry."
+    (B, _, H, W), (h, w), (lo, hi) = x.shape, crop_size, scale_range
+    scale = (lo + (hi - lo) * torch.rand(B, generator=generator, dtype=torch.float64)).clamp_min(max(h / H, w / W))
+    Hs, Ws = (H * scale).round().clamp_min(h), (W * scale).round().clamp_min(w)        # the resized images' sizes
+    top = (torch.rand(B, generator=generator, dtype=torch.float64) * (Hs - h + 1)).floor().clamp_max(Hs - h)
+    left = (torch.rand(B, generator=generator, dtype=torch.float64) * (Ws - w + 1)).floor().clamp_max(Ws - w)
+    flip = torch.rand(B, generator=generator) < flip_prob
+    matrix = crop_matrix(top, left, (h, w), (Hs, Ws)).float() @ hflip_matrix(flip)
+    geometry = ViewGeometry.from_matrix(matrix.to(x.device), (h, w), (H, W))
+    crops, _ = warp(x if x.is_floating_point() else x.float(), geometry)
     return (crops[0] if single else crops), geometry
 
 # %% ../nbs/11_consistency.ipynb #1c09c96c

@@ -16,7 +16,7 @@ __all__ = ['CITYSCAPES_LUT', 'SYNTHIA_LUT', 'PNG_SIGNATURE', 'AUGMENT_PRESETS', 
            'read_image', 'read_label_ids', 'save_png', 'png_header', 'read_png', 'read_synthia_label', 'AugmentParams',
            'SegAugment', 'augment_preset', 'Item', 'SegDataset', 'GTA5', 'Synthia', 'Cityscapes', 'DatasetEntry',
            'register_dataset', 'discover_plugins', 'make_dataset', 'DataConfig', 'dataset_from_config',
-           'training_augment', 'CheckReport', 'check_dataset', 'main']
+           'RemappedLabels', 'training_augment', 'CheckReport', 'check_dataset', 'main']
 
 # %% ../nbs/02_data.ipynb #815a5127
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .labels import CLASSES, IGNORE_INDEX, id_to_train_id, synthia_id_to_train_id
+from .labels import CLASSES, IGNORE_INDEX, id_to_train_id, label_set_lut, synthia_id_to_train_id
 
 # %% ../nbs/02_data.ipynb #f56685d0
 CITYSCAPES_LUT = id_to_train_id(np.arange(256, dtype=np.uint8)).astype(np.uint8)
@@ -507,6 +507,7 @@ class DataConfig:
     synthcity_seed: int = 0            # which SynthCity world (the dataset itself, not the run)
     synthcity_n: int = 0               # SynthCity training images per domain (0 = the whole split)
     cache_dir: str = ""                # SynthCity cache folder ('' = $SYNTHCITY_CACHE or memory only)
+    label_set: str = "19"              # the model's classes (labels.LABEL_SETS): 19 | synthia16 (the release's SYNTHIA model)
 
 AUGMENT_USES = ("train", "plain", None)
 
@@ -515,7 +516,17 @@ def dataset_from_config(data:DataConfig, domain:str="source", split:str="train",
     if domain not in ("source", "target"): raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
     if split not in ("train", "val"): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if augment not in AUGMENT_USES: raise ValueError(f"augment must be one of {AUGMENT_USES}, got {augment!r}")
-    return _entry(data.source if domain == "source" else data.target).from_config(data, domain, split, augment)
+    dataset = _entry(data.source if domain == "source" else data.target).from_config(data, domain, split, augment)
+    return dataset if data.label_set == "19" else RemappedLabels(dataset, label_set_lut(data.label_set))
+
+class RemappedLabels(torch.utils.data.Dataset):
+    "`dataset` with its labels (train ids) mapped through `lut` to a label set's class indices; everything else as it was."
+    def __init__(self, dataset, lut): self.dataset, self.lut = dataset, torch.as_tensor(lut, dtype=torch.long)
+    def __len__(self) -> int: return len(self.dataset)
+    def __getitem__(self, index):
+        sample = dict(self.dataset[index])
+        if "label" in sample: sample["label"] = self.lut[sample["label"].long()]
+        return sample
 
 def training_augment(data:DataConfig, augment:str|None) -> SegAugment|None:
     "The `SegAugment` of a real dataset for `augment`: the training crops, whole images at `long_side`, or nothing."

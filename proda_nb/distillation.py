@@ -4,15 +4,16 @@
 
 # %% ../nbs/14_distillation.ipynb #492f1bb3
 from __future__ import annotations
-import dataclasses
+import contextlib, dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
 # %% auto #0
-__all__ = ['STUDENT_INITS', 'PAPER_STAGE2', 'softened_softmax', 'distill_kl', 'resize_logits', 'kd_loss', 'release_kd_value',
-           'teacher_outputs', 'probs_from_outputs', 'teacher_probs', 'labels_from_probs', 'teacher_labels',
-           'DistillConfig', 'Stage3Config', 'check_distill_settings', 'stage2_paper_row', 'has_extra_bn',
-           'default_student_weights', 'init_student', 'Distillation', 'Stage3']
+__all__ = ['STUDENT_INITS', 'KD_TEACHERS', 'PAPER_STAGE2', 'softened_softmax', 'distill_kl', 'resize_logits', 'kd_loss',
+           'release_kd_value', 'teacher_outputs', 'probs_from_outputs', 'teacher_probs', 'labels_from_probs',
+           'teacher_labels', 'DistillConfig', 'Stage3Config', 'check_distill_settings', 'stage2_paper_row',
+           'has_extra_bn', 'default_student_weights', 'init_student', 'Distillation', 'Stage3']
 
 # %% ../nbs/14_distillation.ipynb #97e32845
 import torch
@@ -22,12 +23,11 @@ from torch import Tensor
 
 # %% ../nbs/14_distillation.ipynb #f7c69295
 from fastcore.basics import patch
-from .engine import (Stage, StageConfig, PaperResult, register_stage, check_resume_settings, previous_stage,
-                             stage_settings, segmentation_ce, checkpoint_weights, load_checkpoint, load_model_weights,
-                             barrier)
+from .engine import (Stage, StageConfig, PaperResult, Size2, register_stage, check_resume_settings, previous_stage,
+                             stage_settings, segmentation_ce, load_checkpoint, barrier)
 from .labels import IGNORE_INDEX
-from .models import build_network, frozen_bn_statistics, load_backbone_weights
-from .consistency import strong_view, warp, ViewGeometry
+from .models import build_network, checkpoint_weights, frozen_bn_statistics, load_backbone_weights, load_weights
+from .consistency import compose, strong_view, warp, weak_view
 
 # %% ../nbs/14_distillation.ipynb #c96cfcf8
 def softened_softmax(logits:Tensor, T:float=1.0, dim:int=1) -> Tensor:
@@ -108,7 +108,12 @@ class DistillConfig(StageConfig):
     flip: bool = True                  # average the teacher's prediction with that of the flipped image
     beta: float = 1.0                  # weight of KL(teacher || student) (0 = off)
     temperature: float = 1.0           # softmax temperature of the KL term
-    strong_view: bool = True           # the student sees the strong view of the target image (False: the image itself)
+    strong_view: bool = True           # the student sees the strong view of its weak view (False: the weak view itself)
+    weak_crop: Optional[Size2] = None  # the weak view's crop (width, height) of the full target image (None = whole image)
+    weak_scale: Tuple[float, float] = (1.0, 1.0)   # ... after rescaling the full image by U(low, high)
+    kd_teacher: str = "strong_view"    # what the KL's teacher sees: strong_view (the student's input: the release) | full_image
+    bn_stats: str = "target"           # the student's BN running statistics from: target (its target pass only) | all (the release)
+    kd_form: str = "kl"                # kl (a KL divergence) | release (the release's kl_div on probabilities: to measure its effect)
 
 @dataclass
 class Stage3Config(DistillConfig):
@@ -116,6 +121,7 @@ class Stage3Config(DistillConfig):
     student_init: str = "teacher"
 
 STUDENT_INITS = ("simclr", "supervised", "teacher", "scratch")
+KD_TEACHERS = ("strong_view", "full_image")
 
 def check_distill_settings(s:DistillConfig, name:str="stage2") -> DistillConfig:
     "Raise ValueError on an invalid distillation setting; returns `s`."
@@ -124,6 +130,11 @@ def check_distill_settings(s:DistillConfig, name:str="stage2") -> DistillConfig:
     if not 0.0 <= s.threshold <= 1.0: raise ValueError(f"{name}.threshold must be in [0, 1], got {s.threshold}")
     if s.beta < 0: raise ValueError(f"{name}.beta must be >= 0, got {s.beta}")
     if not s.temperature > 0: raise ValueError(f"{name}.temperature must be positive, got {s.temperature}")
+    if s.kd_teacher not in KD_TEACHERS: raise ValueError(f"{name}.kd_teacher must be one of {KD_TEACHERS}, got {s.kd_teacher!r}")
+    if s.bn_stats not in ("target", "all"): raise ValueError(f"{name}.bn_stats must be 'target' or 'all', got {s.bn_stats!r}")
+    if s.kd_form not in ("kl", "release"): raise ValueError(f"{name}.kd_form must be 'kl' or 'release', got {s.kd_form!r}")
+    if s.kd_form == "release" and s.kd_teacher != "strong_view":
+        raise ValueError(f"{name}.kd_form=release compares the student with the teacher on the same view: set {name}.kd_teacher=strong_view")
     return s
 
 PAPER_STAGE2 = {"simclr": PaperResult("ProDA stage 2: distillation, self-supervised init", 56.9),
@@ -158,7 +169,7 @@ def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dic
     how = s.student_init
     if how == "scratch": return "as built (" + (f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else "random") + ")"
     if how == "teacher":
-        load_model_weights(model, teacher_state, f"{name} student_init=teacher ({teacher_path})")
+        load_weights(model, teacher_state, f"{name} student_init=teacher ({teacher_path})")
         return f"the teacher's weights ({teacher_path})"
     path = default_student_weights(cfg, name, teacher_path, how)
     if deeplab:
@@ -180,16 +191,17 @@ def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dic
         raise FileNotFoundError(f"{name}.student_init=supervised starts from the source-only model, and {path} does not "
                                 f"exist: train it with `python -m proda_nb.train --stage source_only --out {path.parent}` "
                                 f"or give a checkpoint with `--{name}.student_weights PATH`")
-    load_model_weights(model, checkpoint_weights(load_checkpoint(path)), f"{name} student_weights {path}")
+    load_weights(model, checkpoint_weights(load_checkpoint(path)), f"{name} student_weights {path}")
     return f"the source-only model ({path})"
 
 # %% ../nbs/14_distillation.ipynb #5a50497c
 @register_stage("stage2", settings=DistillConfig, init="required", title="stage 2 (distillation)", paper=stage2_paper_row,
-                presets={"synthcity": dict(student_init="teacher", iters=120, lr=0.02),
-                         "gta5_to_cityscapes": dict(student_init="simclr", lr=6e-4)})    # head and extra BN at 10x
+                presets={"synthcity": dict(student_init="teacher", iters=120, lr=0.02, weak_crop=(128, 64), weak_scale=(1.0, 1.25)),
+                         "gta5_to_cityscapes": dict(student_init="simclr", lr=6e-4, weak_crop=(896, 512), weak_scale=(0.5, 1.5),
+                                                    bn_stats="all")})
 class Distillation(Stage):
     "ProDA stage 2: a frozen teacher (stage 1's model) teaches a new student: source CE + CE on its labels + beta * KL."
-    uses_target = True
+    uses_target, target_augment = True, "plain"          # the teacher labels the whole target image
     def __init__(self, **overrides):
         super().__init__(**overrides)
         self.teacher = None
@@ -206,7 +218,7 @@ class Distillation(Stage):
         "The init checkpoint is the teacher: a frozen copy of its network (the student is initialised in `setup`)."
         self.teacher_state, self.teacher_path = checkpoint_weights(init), Path(path)
         bare = dataclasses.replace(self.cfg.model, pretrained="", extra_bn=has_extra_bn(self.teacher_state))
-        self.teacher = load_model_weights(build_network(bare), self.teacher_state, f"{self.name} teacher {path}")
+        self.teacher = load_weights(build_network(bare), self.teacher_state, f"{self.name} teacher {path}")
         self.teacher.eval().requires_grad_(False)
 
     def setup(self, trainer):
@@ -219,27 +231,37 @@ class Distillation(Stage):
 # %% ../nbs/14_distillation.ipynb #04792d38
 @patch
 def targets(self:Distillation, images:Tensor) -> tuple:
-    "The student's input, its geometry, and the teacher's full-resolution labels and distribution at T for target `images`."
-    s = self.settings
+    """For full target `images`: the student's input (the strong view of a weak view), its geometry from the full
+    image, the teacher's full-image labels, and its distribution at T (full image; None when the KL's teacher sees
+    the student's input instead)."""
+    s, (H, W) = self.settings, images.shape[-2:]
     outputs = teacher_outputs(self.teacher, images, s.flip)
     probs = probs_from_outputs(outputs)
     labels = labels_from_probs(probs, s.threshold)
-    soft = probs if s.temperature == 1 else probs_from_outputs(outputs, s.temperature)
-    if s.strong_view: x, geometry = strong_view(images)
-    else: x, geometry = images, ViewGeometry.identity(len(images), images.shape[-2:], images.device)
+    soft = None if s.kd_teacher == "strong_view" else (probs if s.temperature == 1 else probs_from_outputs(outputs, s.temperature))
+    crop = (s.weak_crop[1], s.weak_crop[0]) if s.weak_crop else (H, W)
+    x, geometry = weak_view(images, crop, scale_range=s.weak_scale)
+    if s.strong_view:
+        x, g_s = strong_view(x)
+        geometry = compose(geometry, g_s)
     return x, geometry, labels, soft
 
 @patch
 def loss_terms(self:Distillation, batch:dict) -> dict:
     "Every term of the distillation loss for one micro-batch (unweighted)."
     s, model, src, tgt = self.settings, self.trainer.model, batch["source"], batch["target"]
-    with frozen_bn_statistics(self.trainer.raw_model): s_logits = model(src["image"]).logits
+    with frozen_bn_statistics(self.trainer.raw_model) if s.bn_stats == "target" else contextlib.nullcontext():
+        s_logits = model(src["image"]).logits
     terms = {"source_ce": segmentation_ce(s_logits, src["label"])}
     x, geometry, labels, soft = self.targets(tgt["image"])
     logits = resize_logits(model(x).logits, x.shape[-2:])   # at the view's full resolution, as the teacher's outputs
     labels, valid = warp(labels, geometry)
     terms["target_ce"] = segmentation_ce(logits, labels)
-    if s.beta > 0:
+    if s.beta > 0 and soft is None:                         # the release: the teacher sees the student's input
+        with torch.no_grad(): t_logits = resize_logits(self.teacher(x).logits, x.shape[-2:])
+        terms["kd"] = (release_kd_value(logits, t_logits) if s.kd_form == "release"
+                       else distill_kl(logits, softened_softmax(t_logits, s.temperature), s.temperature))
+    elif s.beta > 0:
         soft, _ = warp(soft, geometry)
         terms["kd"] = distill_kl(logits, soft, s.temperature, valid)
     else: terms["kd"] = logits.new_zeros(())
@@ -263,6 +285,7 @@ def load_state_dict(self:Distillation, state:dict):
 # %% ../nbs/14_distillation.ipynb #90cff54b
 @register_stage("stage3", settings=Stage3Config, init="required", title="stage 3 (distillation again)",
                 paper=PaperResult("ProDA stage 3", 57.5),
-                presets={"synthcity": dict(iters=100, lr=0.01), "gta5_to_cityscapes": dict(lr=6e-4)})
+                presets={"synthcity": dict(iters=100, lr=0.01, weak_crop=(128, 64), weak_scale=(1.0, 1.25)),
+                         "gta5_to_cityscapes": dict(lr=6e-4, weak_crop=(896, 512), weak_scale=(0.5, 1.5), bn_stats="all")})
 class Stage3(Distillation):
     "ProDA stage 3: stage 2 again, with stage 2's student as the teacher (settings from cfg.stage3)."

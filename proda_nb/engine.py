@@ -10,18 +10,19 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Tuple, Union, get_type_hints, get_origin, get_args
 
 # %% auto #0
-__all__ = ['Size2', 'BASE_SECTIONS', 'STAGES', 'INIT_KINDS', 'PRESETS', 'CHECKPOINT_FORMAT', 'AMP_DTYPES', 'OptimConfig',
-           'ScheduleConfig', 'EvalConfig', 'RunConfig', 'StageConfig', 'Config', 'PaperResult', 'register_stage',
-           'get_stage', 'stage_names', 'stage_settings_class', 'load_plugin', 'Preset', 'register_preset',
-           'preset_chain', 'default_preset', 'get_config', 'option_types', 'parse_value', 'set_option',
-           'config_to_dict', 'config_from_dict', 'poly_factor', 'split_batch', 'DistEnv', 'init_distributed',
-           'is_distributed', 'barrier', 'all_reduce_sum', 'broadcast_module', 'average_gradients', 'mix_seed',
-           'GlobalBatchSampler', 'seeded_rngs', 'SeededSamples', 'InfiniteLoader', 'Stage', 'check_resume_settings',
-           'segmentation_ce', 'SourceOnly', 'pipeline_names', 'previous_stage', 'stage_settings', 'stage_init',
-           'missing_init_message', 'apply_stage_schedule', 'stage_output', 'atomic_save', 'rng_states',
-           'set_rng_states', 'load_checkpoint', 'checkpoint_weights', 'load_model_weights', 'sliding_logits',
-           'evaluate', 'headline_classes', 'headline_miou', 'NonFiniteLossError', 'ddp_kwargs', 'autocast_for',
-           'build_datasets', 'LineProgress', 'progress_bar', 'Trainer']
+__all__ = ['Size2', 'BASE_SECTIONS', 'STAGES', 'INIT_KINDS', 'PRESETS', 'CHECKPOINT_FORMAT', 'AMP_DTYPES', 'KEEP_BEST_NOTE',
+           'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'RunConfig', 'StageConfig', 'Config', 'PaperResult',
+           'register_stage', 'get_stage', 'stage_names', 'stage_settings_class', 'load_plugin', 'Preset',
+           'register_preset', 'preset_chain', 'default_preset', 'get_config', 'option_types', 'parse_value',
+           'set_option', 'config_to_dict', 'config_from_dict', 'poly_factor', 'split_batch', 'DistEnv',
+           'init_distributed', 'is_distributed', 'barrier', 'all_reduce_sum', 'broadcast_module', 'average_gradients',
+           'mix_seed', 'GlobalBatchSampler', 'seeded_rngs', 'SeededSamples', 'InfiniteLoader', 'Stage',
+           'check_resume_settings', 'segmentation_ce', 'SourceOnly', 'pipeline_names', 'previous_stage',
+           'stage_settings', 'stage_init', 'missing_init_message', 'apply_stage_schedule', 'stage_output',
+           'atomic_save', 'rng_states', 'set_rng_states', 'load_checkpoint', 'sliding_logits', 'evaluate',
+           'headline_classes', 'headline_indices', 'headline_miou', 'summary_mious', 'confusion_table',
+           'NonFiniteLossError', 'ddp_kwargs', 'autocast_for', 'build_datasets', 'LineProgress', 'progress_bar',
+           'Trainer']
 
 # %% ../nbs/05_engine.ipynb #345208a7
 import numpy as np
@@ -32,12 +33,14 @@ import torch.distributed as dist
 from fastcore.basics import patch
 from torch.utils.data import Dataset, DataLoader, DistributedSampler, Subset
 
-# %% ../nbs/05_engine.ipynb #64f506cf
-from .labels import IGNORE_INDEX, class_subset
+# %% ../nbs/05_engine.ipynb #4f61ff0d
+from .labels import (CLASSES, IGNORE_INDEX, NUM_CLASSES, SUMMARY_SUBSETS, class_subset, label_set,
+                             label_set_indices)
 from .data import DataConfig, dataset_from_config, discover_plugins
-from .models import ModelConfig, build_network, read_weights_file, bn_layers, bn_buffers
+from .models import (ModelConfig, build_network, read_weights_file, bn_layers, bn_buffers, checkpoint_weights,
+                             load_weights)
 
-# %% ../nbs/05_engine.ipynb #f8d92392
+# %% ../nbs/05_engine.ipynb #bbf4f40a
 Size2 = Tuple[int, int]
 
 @dataclass
@@ -65,6 +68,7 @@ class EvalConfig:
     crop: Optional[Size2] = None       # slide window (width, height)
     stride: Optional[Size2] = None     # slide stride (width, height); None = 2/3 of the window
     classes: str = "19"                # headline mIoU over a named class subset (`proda_nb.labels.CLASS_SUBSETS`)
+    align_corners: bool = False        # upsample the logits to the labels with align_corners=True (the release) or False
 
 @dataclass
 class RunConfig:
@@ -82,6 +86,7 @@ class RunConfig:
     tensorboard: bool = True
     threads: int = 0                   # torch CPU threads per process (0 = torch's default)
     pipeline: str = ""                 # the stages a run without --stage trains, in this order (the preset sets it)
+    keep_best: bool = False            # also keep OUT/best.pt, the best periodic evaluation: selects on TARGET LABELS
 
 @dataclass
 class StageConfig:
@@ -89,6 +94,7 @@ class StageConfig:
     init: str = ""                     # checkpoint to start from ('' = the previous stage's, see `stage_init`)
     iters: int = 0                     # steps of this stage (0 = schedule.iters)
     lr: float = 0.0                    # learning rate of this stage (0 = optim.lr)
+    head_lr_mult: float = 0.0          # head learning rate / lr for this stage (0 = optim.head_lr_mult)
 
 # %% ../nbs/05_engine.ipynb #81316c4a
 BASE_SECTIONS = ("data", "model", "optim", "schedule", "eval", "run")
@@ -444,7 +450,7 @@ class InfiniteLoader:
             yield from loader
             epoch, k = epoch + 1, 0
 
-# %% ../nbs/05_engine.ipynb #ff39018b
+# %% ../nbs/05_engine.ipynb #e68e5ee3
 class Stage:
     "What a training stage adds to the shared loop; subclass and register with `@register_stage(name, ...)`."
     name, title, paper, init = "base", "base", None, "none"      # set by `register_stage`
@@ -480,7 +486,7 @@ class Stage:
         "Before the network is built: set model options (`cfg.model`) that the settings or the init checkpoint imply."
     def load_init(self, model:nn.Module, init:dict, path):
         "Load the init checkpoint `init` (read from `path`) into `model`: by default its model weights, strictly."
-        load_model_weights(model, checkpoint_weights(init), f"{self.name}.init {path}")
+        load_weights(model, checkpoint_weights(init), f"{self.name}.init {path}")
     def setup(self, trainer):
         "Called once the model, optimizer and loaders exist: build extra models and optimizers here."
         self.trainer = trainer
@@ -520,7 +526,7 @@ class SourceOnly(Stage):
         loss = segmentation_ce(logits, src["label"])
         return loss, {"loss_source_ce": loss.detach()}
 
-# %% ../nbs/05_engine.ipynb #be9455a2
+# %% ../nbs/05_engine.ipynb #3259869b
 def pipeline_names(cfg:Config) -> list[str]:
     "The stage names listed in `run.pipeline`, in order."
     return [s.strip() for s in cfg.run.pipeline.split(",") if s.strip()]
@@ -562,10 +568,11 @@ def missing_init_message(cfg:Config, name:str) -> str:
     return f"{name} starts from the previous stage's checkpoint, and none exists (looked for {looked}): {make}give one with --{name}.init PATH"
 
 def apply_stage_schedule(cfg:Config, stage) -> Config:
-    "A stage's own `iters` and `lr` (from its resolved settings) replace schedule.iters and optim.lr."
+    "A stage's own `iters`, `lr` and `head_lr_mult` (from its resolved settings) replace schedule.iters and optim's."
     s = stage.settings
     if getattr(s, "iters", 0): cfg.schedule.iters = s.iters
     if getattr(s, "lr", 0.0): cfg.optim.lr = s.lr
+    if getattr(s, "head_lr_mult", 0.0): cfg.optim.head_lr_mult = s.head_lr_mult
     return cfg
 
 def stage_output(cfg:Config, name:str, init=None) -> Path:
@@ -575,7 +582,7 @@ def stage_output(cfg:Config, name:str, init=None) -> Path:
     inside = {out.resolve(), (out / (previous_stage(cfg, name) or "")).resolve()}
     return out / name if Path(init).resolve().parent in inside else out
 
-# %% ../nbs/05_engine.ipynb #04cfbbf0
+# %% ../nbs/05_engine.ipynb #ac2e3dc2
 CHECKPOINT_FORMAT = "proda_nb.checkpoint/2"   # 2: a stage's EMA model and prototypes live in its own state
 
 def atomic_save(obj, path) -> Path:
@@ -614,26 +621,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     "A checkpoint written by `Trainer.save_checkpoint` (or any weights_only-safe file); a one-line error naming the file otherwise."
     return read_weights_file(path, "checkpoint", map_location=map_location)
 
-def checkpoint_weights(obj, ema:bool=False) -> dict:
-    "The model's state dict in a checkpoint `obj` (the stage's EMA model with `ema`), or `obj` itself for a plain state dict."
-    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)): return obj
-    if not ema: return obj["model"]
-    state = (obj.get("stage") or {}).get("state") or {}
-    weights = state.get("ema_model", obj.get("ema_model"))      # format 1 kept the EMA model beside the stage's state
-    if weights is None: raise ValueError("the checkpoint holds no EMA model")
-    return weights
-
-def load_model_weights(model:nn.Module, state:dict, what:str):
-    "`model.load_state_dict(state)`, strictly, with an error that names `what` and the first mismatched keys."
-    result = model.load_state_dict(state, strict=False)
-    shapes = [k for k, v in state.items() if k in model.state_dict() and tuple(v.shape) != tuple(model.state_dict()[k].shape)]
-    if result.missing_keys or result.unexpected_keys or shapes:
-        raise ValueError(f"{what}: weights do not fit {type(model).__name__}: missing keys {result.missing_keys[:5]}, "
-                         f"unexpected keys {result.unexpected_keys[:5]}, shape mismatches {shapes[:5]}")
-    return model
-
-# %% ../nbs/05_engine.ipynb #165a71c4
-def sliding_logits(model:nn.Module, image:torch.Tensor, window:Size2, stride:Optional[Size2]=None) -> torch.Tensor:
+# %% ../nbs/05_engine.ipynb #9e07a9a5
+def sliding_logits(model:nn.Module, image:torch.Tensor, window:Size2, stride:Optional[Size2]=None,
+                   align_corners:bool=False) -> torch.Tensor:
     "Logits (B,K,H,W) at the image's resolution from overlapping `window`=(w,h) crops, averaged where they overlap."
     B, _, H, W = image.shape
     ww, wh = min(window[0], W), min(window[1], H)
@@ -643,7 +633,7 @@ def sliding_logits(model:nn.Module, image:torch.Tensor, window:Size2, stride:Opt
     for y in ys:
         for x in xs:
             lg = model(image[:, :, y:y + wh, x:x + ww]).logits.float()
-            lg = F.interpolate(lg, size=(wh, ww), mode="bilinear", align_corners=False)
+            lg = F.interpolate(lg, size=(wh, ww), mode="bilinear", align_corners=align_corners)
             if total is None: total = image.new_zeros(B, lg.shape[1], H, W, dtype=torch.float32)
             total[:, :, y:y + wh, x:x + ww] += lg; count[:, :, y:y + wh, x:x + ww] += 1
     return total / count
@@ -664,7 +654,10 @@ def evaluate(model:nn.Module, dataset, cfg:Config=None, env:DistEnv=None, autoca
     n = len(dataset) if not cfg.data.max_val else min(cfg.data.max_val, len(dataset))
     part = Subset(dataset, list(range(env.rank, n, env.world_size)))
     loader = DataLoader(part, batch_size=1, num_workers=cfg.data.num_workers)
-    cm = ConfusionMatrix(cfg.model.num_classes, IGNORE_INDEX)
+    K = len(label_set(cfg.data.label_set))
+    if cfg.model.num_classes != K:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but data.label_set={cfg.data.label_set!r} has {K} classes")
+    cm = ConfusionMatrix(K, IGNORE_INDEX)
     if progress and sys.stderr.isatty():                   # a log file gets no evaluation bar
         from tqdm.auto import tqdm
         loader = tqdm(loader, desc="eval", leave=False)
@@ -672,9 +665,9 @@ def evaluate(model:nn.Module, dataset, cfg:Config=None, env:DistEnv=None, autoca
         image, label = s["image"].to(env.device), s["label"].to(env.device)
         image = _resize_long_side(image, cfg.data.val_long_side)
         with autocast():
-            logits = (sliding_logits(model, image, cfg.eval.crop, cfg.eval.stride) if cfg.eval.mode == "slide"
-                      else model(image).logits)
-        cm.update(logits.float(), label)
+            logits = (sliding_logits(model, image, cfg.eval.crop, cfg.eval.stride, cfg.eval.align_corners)
+                      if cfg.eval.mode == "slide" else model(image).logits)
+        cm.update(logits.float(), label, align_corners=cfg.eval.align_corners)
     cm.all_reduce()
     model.train(was_training)
     return cm
@@ -689,9 +682,28 @@ def headline_classes(classes:str="19"):
         raise ValueError(f"eval.classes must be one of {', '.join(CLASS_SUBSETS)}, got {classes!r}")
     return found
 
-def headline_miou(cm, classes:str="19") -> float:
-    "mIoU (percent) over the classes that `eval.classes` names."
-    return float(cm.miou(headline_classes(classes)[0]))
+def headline_indices(classes:str="19", labels:str="19") -> Optional[list]:
+    "The model's class indices (label set `labels`) that subset `classes` averages; None for all of them."
+    ids = headline_classes(classes)[0]
+    return None if ids is None else label_set_indices(labels, ids)
+
+def headline_miou(cm, classes:str="19", labels:str="19") -> float:
+    "mIoU (percent) over the classes that `eval.classes` names, for a model predicting label set `labels`."
+    return float(cm.miou(headline_indices(classes, labels)))
+
+def summary_mious(cm, labels:str="19") -> dict:
+    "mIoU19 / mIoU16 / mIoU13, each when the model (label set `labels`) predicts all of its classes."
+    own = set(label_set(labels))
+    return {k: headline_miou(cm, k, labels) for k in SUMMARY_SUBSETS
+            if set(headline_classes(k)[0] or range(NUM_CLASSES)) <= own}
+
+def confusion_table(cm, cfg:Config) -> str:
+    "The per-class table of `cm` for the run's label set, with its summary lines and the headline."
+    labels = cfg.data.label_set
+    if labels == "19": return cm.table()
+    names = [CLASSES[t] for t in label_set(labels)]
+    rows = [(f"mIoU{k} ({headline_classes(k)[1]})", headline_indices(k, labels)) for k in summary_mious(cm, labels)]
+    return cm.table(names, rows)
 
 # %% ../nbs/05_engine.ipynb #84624b0e
 class NonFiniteLossError(FloatingPointError):
@@ -768,7 +780,7 @@ def progress_bar(total:int, initial:int=0, desc:str="", enabled:bool=True, strea
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=stream)
     return LineProgress(total, initial, desc, stream=stream)
 
-# %% ../nbs/05_engine.ipynb #5aaf8802
+# %% ../nbs/05_engine.ipynb #3d44910a
 class Trainer:
     "Builds the run from `cfg` and its stage: init checkpoint, output folder, data, model, optimizer; `fit()` trains."
     def __init__(self, cfg:Config, stage:Stage=None, env:DistEnv=None, model:nn.Module=None, datasets:dict=None,
@@ -797,7 +809,8 @@ class Trainer:
         self._wrap_model(model.to(self.env.device))
         self._build_optimizer()
         self.iteration, self.loaders, self.writer = 0, {}, None
-        self.last_good_checkpoint, self.metrics, self.confusion = None, None, None
+        self.last_good_checkpoint, self.metrics, self.confusion, self.best = None, None, None, None
+        self._early_loss = torch.zeros((), device=self.env.device)
         stage.setup(self)
 
 # %% ../nbs/05_engine.ipynb #0c717a9e
@@ -856,7 +869,7 @@ def log(self:Trainer, record:dict):
         for k, v in record.items():
             if k != "iteration" and isinstance(v, (int, float)): self.writer.add_scalar(k, v, record["iteration"])
 
-# %% ../nbs/05_engine.ipynb #12967da2
+# %% ../nbs/05_engine.ipynb #b981293c
 @patch
 def train_step(self:Trainer, source, target) -> dict:
     "Forward/backward over the micro-batches of one global batch, then the optimizer step; returns the logs."
@@ -869,11 +882,12 @@ def train_step(self:Trainer, source, target) -> dict:
     for m in range(A):
         torch.manual_seed(mix_seed(cfg.run.seed, step, self.env.rank * A + m))
         mb = {"source": _micro(source, m, A), "target": _micro(target, m, A)}
+        self._early_loss = torch.zeros((), device=self.env.device)      # what the stage back-propagated itself
         sync = (self.model.no_sync() if self.env.distributed and m < A - 1 else contextlib.nullcontext())
         with sync:
             with self.autocast(): loss, parts = self.stage.compute_loss(mb)
-            (self.scaler.scale(loss / A) if self.scaler else loss / A).backward()
-        loss_sum += loss.detach().float() / A
+            self._backward(loss)
+        loss_sum += (loss.detach().float() + self._early_loss) / A
         for k, v in parts.items(): logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / A
         if A > 1:
             for b, s, a in zip(bufs, start, acc): a += b; b.copy_(s)   # BN: each micro-batch starts from the same stats
@@ -897,6 +911,23 @@ def train_step(self:Trainer, source, target) -> dict:
     return {"loss": value, **logs}
 
 @patch
+def _backward(self:Trainer, loss):
+    A = self.cfg.optim.accum_steps
+    (self.scaler.scale(loss / A) if self.scaler else loss / A).backward()
+
+@patch
+def backward(self:Trainer, loss):
+    """Back-propagate part of a micro-batch's loss now, inside `compute_loss`, so that its graph (its activations) is
+    freed before the next forward passes; the stage returns the rest. Scaled as the rest; counted in the step's loss."""
+    self._backward(loss)
+    self._early_loss += loss.detach().float()
+
+@patch
+def no_sync(self:Trainer):
+    "Under DDP, the forward and backward of a part whose gradients are reduced with the step's last backward."
+    return self.model.no_sync() if self.env.distributed else contextlib.nullcontext()
+
+@patch
 def _average_bn_over_processes(self:Trainer):
     bufs = bn_buffers(self.raw_model)
     if not bufs: return
@@ -905,14 +936,14 @@ def _average_bn_over_processes(self:Trainer):
     i = 0
     for b in bufs: b.copy_(flat[i:i + b.numel()].view_as(b)); i += b.numel()
 
-# %% ../nbs/05_engine.ipynb #4785fb0b
+# %% ../nbs/05_engine.ipynb #8c9f5a27
 @patch
 def checkpoint_state(self:Trainer) -> dict:
     "Everything needed to continue this run exactly."
     loaders = {n: dict(zip(("epoch", "batch"), l.position(self.iteration)), seed=l.sampler.seed)
                for n, l in self.loaders.items()}
     return {"format": CHECKPOINT_FORMAT, "iteration": self.iteration, "config": config_to_dict(self.cfg),
-            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "best": self.best,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "stage": {"name": self.stage.name, "state": self.stage.state_dict()}, "rng": rng_states(),
             "loaders": loaders, "world_size": self.env.world_size, "metrics": self.metrics}
@@ -939,7 +970,7 @@ def load_checkpoint(self:Trainer, path):
         a, b = get(saved), get(self.cfg)
         if a != b: raise ValueError(f"checkpoint {path} was written with {key}={a!r}, this run has {key}={b!r}; "
                                     "resuming would not continue the same run")
-    load_model_weights(self.raw_model, ck["model"], f"checkpoint {path}")
+    load_weights(self.raw_model, ck["model"], f"checkpoint {path}")
     self.optimizer.load_state_dict(ck["optimizer"]); self.scheduler.load_state_dict(ck["scheduler"])
     if self.scaler and ck.get("scaler"): self.scaler.load_state_dict(ck["scaler"])
     state = dict(ck["stage"]["state"])
@@ -947,26 +978,41 @@ def load_checkpoint(self:Trainer, path):
         if ck.get(key) is not None: state.setdefault(key, ck[key])
     self.stage.load_state_dict(state)
     set_rng_states(ck["rng"])
-    self.iteration, self.metrics = ck["iteration"], ck.get("metrics")
+    self.iteration, self.metrics, self.best = ck["iteration"], ck.get("metrics"), ck.get("best")
     self.last_good_checkpoint = Path(path)
     return ck
 
-# %% ../nbs/05_engine.ipynb #c12c7987
+# %% ../nbs/05_engine.ipynb #1e2aca9e
 @patch
 def evaluate(self:Trainer):
     "Evaluate the stage's model on the target val set; returns the (process-summed) ConfusionMatrix."
     cm = evaluate(self.stage.eval_model(), self.datasets["val"], self.cfg, self.env, self.autocast,
                   progress=self.env.is_main and self.cfg.run.progress)
     from proda_nb.metrics import iou_per_class
-    self.metrics = {"iteration": self.iteration, "iou": [None if math.isnan(x) else float(x) for x in iou_per_class(cm.matrix).tolist()]}
-    if cm.num_classes == 19:
-        self.metrics.update(miou=headline_miou(cm, self.cfg.eval.classes),
-                            **{f"miou{k}": headline_miou(cm, k) for k in ("19", "16", "13")})
-    else: self.metrics["miou"] = float(cm.miou())
+    labels = self.cfg.data.label_set
+    self.metrics = {"iteration": self.iteration, "iou": [None if math.isnan(x) else float(x) for x in iou_per_class(cm.matrix).tolist()],
+                    "miou": headline_miou(cm, self.cfg.eval.classes, labels),
+                    **{f"miou{k}": v for k, v in summary_mious(cm, labels).items()}}
     self.confusion = cm
     return cm
 
-# %% ../nbs/05_engine.ipynb #cc4ea473
+# %% ../nbs/05_engine.ipynb #5db895e8
+KEEP_BEST_NOTE = ("run.keep_best: OUT/best.pt is chosen on the target's validation labels, as the release did; a UDA "
+                  "method has no target labels to choose with, so report the final model next to it")
+
+@patch
+def keep_if_best(self:Trainer):
+    "With `run.keep_best`, write OUT/best.pt when the last evaluation beats the best one so far."
+    if not self.cfg.run.keep_best or self.metrics is None: return
+    if self.best is not None and self.metrics["miou"] <= self.best["miou"]: return
+    self.best = {"iteration": self.iteration, "miou": self.metrics["miou"]}
+    if self.env.is_main:
+        atomic_save({"format": CHECKPOINT_FORMAT, "iteration": self.iteration, "config": config_to_dict(self.cfg),
+                     "model": self.raw_model.state_dict(), "metrics": self.metrics,
+                     "selected_on": "target validation labels"}, self.out / "best.pt")
+    self.log({"iteration": self.iteration, "best_miou": self.best["miou"]})
+
+# %% ../nbs/05_engine.ipynb #c99e27fa
 @patch
 def fit(self:Trainer, resume=None) -> Optional[dict]:
     "Train to `schedule.iters` (from `resume`, a checkpoint path, if given), evaluate, checkpoint; returns metrics."
@@ -975,6 +1021,7 @@ def fit(self:Trainer, resume=None) -> Optional[dict]:
     if env.is_main:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        if cfg.run.keep_best: print(f"note: {KEEP_BEST_NOTE}", file=sys.stderr, flush=True)
     self.writer = None
     if env.is_main and cfg.run.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -999,6 +1046,7 @@ def fit(self:Trainer, resume=None) -> Optional[dict]:
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
             if cfg.run.eval_every and it % cfg.run.eval_every == 0 and it < cfg.schedule.iters:
                 self.evaluate(); self.log({"iteration": it, "val_miou": self.metrics["miou"]})
+                self.keep_if_best()
             if cfg.run.ckpt_every and it % cfg.run.ckpt_every == 0: self.save_checkpoint()
             if cfg.run.stop_after and it >= cfg.run.stop_after and it < cfg.schedule.iters:
                 return None                                   # debug: as if the run were killed here
@@ -1007,7 +1055,9 @@ def fit(self:Trainer, resume=None) -> Optional[dict]:
         if self.writer is not None: self.writer.flush()
     self.evaluate()
     self.log({"iteration": self.iteration, "val_miou": self.metrics["miou"]})
+    self.keep_if_best()
     self.save_checkpoint()
-    if env.is_main: (self.out / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+    if env.is_main:
+        (self.out / "metrics.json").write_text(json.dumps({**self.metrics, **({"best": self.best} if self.best else {})}, indent=1))
     if self.writer is not None: self.writer.close()
     return self.metrics

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['NUM_CLASSES', 'IGNORE_INDEX', 'CLASSES', 'CITYSCAPES_LABEL_IDS', 'PALETTE', 'CITYSCAPES_ID_TO_TRAIN_ID',
-           'SYNTHIA_ID_TO_TRAIN_ID', 'SYNTHIA_16', 'SYNTHIA_13', 'CLASS_SUBSETS', 'make_lut', 'id_to_train_id',
-           'train_id_to_id', 'synthia_id_to_train_id', 'register_class_subset', 'class_subset', 'colorize',
-           'legend_patches', 'show_label']
+           'SYNTHIA_ID_TO_TRAIN_ID', 'SYNTHIA_16', 'SYNTHIA_13', 'LABEL_SETS', 'CLASS_SUBSETS', 'SUMMARY_SUBSETS',
+           'make_lut', 'id_to_train_id', 'train_id_to_id', 'synthia_id_to_train_id', 'label_set', 'label_set_lut',
+           'label_set_indices', 'register_class_subset', 'class_subset', 'colorize', 'legend_patches', 'show_label']
 
 # %% ../nbs/00_labels.ipynb #142b04bd
 import numpy as np
@@ -92,10 +92,33 @@ SYNTHIA_16 = tuple(sorted(SYNTHIA_ID_TO_TRAIN_ID.values()))
 # train ids of the 13-class SYNTHIA protocol: SYNTHIA_16 without wall, fence, pole
 SYNTHIA_13 = tuple(i for i in SYNTHIA_16 if CLASSES[i] not in ("wall", "fence", "pole"))
 
+# %% ../nbs/00_labels.ipynb #6b708304
+LABEL_SETS = {"19": tuple(range(NUM_CLASSES)), "synthia16": SYNTHIA_16}
+"The classes a model predicts, by name: model class i is train id LABEL_SETS[name][i]."
+
+def label_set(name:str) -> tuple:
+    "The train ids of label set `name`, in the order of the model's classes."
+    if str(name) not in LABEL_SETS: raise ValueError(f"unknown label set {name!r}; choose one of {', '.join(LABEL_SETS)}")
+    return LABEL_SETS[str(name)]
+
+def label_set_lut(name:str) -> np.ndarray:
+    "A 256-entry uint8 table: train id -> the model's class index in label set `name`, everything else -> IGNORE_INDEX."
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for i, t in enumerate(label_set(name)): lut[t] = i
+    return lut
+
+def label_set_indices(name:str, train_ids) -> list:
+    "The model class indices of `train_ids` in label set `name` (train ids the set does not predict are left out)."
+    ids = label_set(name)
+    return [ids.index(t) for t in train_ids if t in ids]
+
 # %% ../nbs/00_labels.ipynb #989c3bd1
 CLASS_SUBSETS = {"19": (None, "all 19 classes"), "16": (SYNTHIA_16, "SYNTHIA's 16 classes"),
-                 "13": (SYNTHIA_13, "SYNTHIA's 13 classes")}
+                 "13": (SYNTHIA_13, "SYNTHIA's 13 classes"),
+                 "16of19": (SYNTHIA_16, "SYNTHIA's 16 classes of a 19-class model: not the paper's protocol")}
 "Evaluation subsets by name: (train ids, or None for every class; description)."
+SUMMARY_SUBSETS = ("19", "16", "13")
+"The subsets every evaluation also reports (as mIoU19, mIoU16, mIoU13) when the model predicts all their classes."
 
 def register_class_subset(name:str, train_ids, description:str):
     "Make `eval.classes=name` average the IoUs of `train_ids` (None: every class), described as `description`."

@@ -70,15 +70,15 @@ class ConfusionMatrix:
         return self
 
     @torch.no_grad()
-    def update(self, pred_or_logits:Tensor, target:Tensor):
-        "Add a batch: predictions (B,H,W) or logits (B,K,h,w) (bilinearly upsampled to H,W) against labels (B,H,W)."
+    def update(self, pred_or_logits:Tensor, target:Tensor, align_corners:bool=False):
+        "Add a batch: predictions (B,H,W) or logits (B,K,h,w) (bilinearly upsampled to H,W, `align_corners` as said) against labels (B,H,W)."
         x, target = torch.as_tensor(pred_or_logits), torch.as_tensor(target)
         if x.ndim == target.ndim + 1:  # logits
             if x.ndim == 3: x, target = x[None], target[None]
             if x.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {x.shape[1]} channels, expected num_classes={self.num_classes}")
             if x.shape[-2:] != target.shape[-2:]:
-                x = F.interpolate(x.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+                x = F.interpolate(x.float(), size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
             x = x.argmax(1)
         elif x.ndim != target.ndim:
             raise ValueError(f"expected predictions (B,H,W) or logits (B,K,h,w) for labels {tuple(target.shape)}, "
@@ -102,8 +102,9 @@ class ConfusionMatrix:
         "mIoU in percent over the train ids `classes` (all if None), e.g. `SYNTHIA_16`."
         return mean_iou(self.matrix, classes)
 
-    def table(self, class_names=CLASSES) -> str:
-        "Per-class IoU table (percent) ending with labelled mIoU19 / mIoU16 / mIoU13 lines (or one mIoU if K != 19)."
+    def table(self, class_names=CLASSES, summaries=None) -> str:
+        """Per-class IoU table (percent) ending with labelled mIoU lines: mIoU19 / mIoU16 / mIoU13 for 19 classes, else
+        `summaries` ((label, class indices) pairs; default one mean over all K classes)."""
         K = self.num_classes
         if len(class_names) != K:
             if class_names is not CLASSES: raise ValueError(f"got {len(class_names)} class names for {K} classes")
@@ -120,7 +121,8 @@ class ConfusionMatrix:
                       f"mIoU16 (SYNTHIA: no terrain, truck, train)       {self.miou(SYNTHIA_16):6.2f}",
                       f"mIoU13 (SYNTHIA: also no wall, fence, pole)      {self.miou(SYNTHIA_13):6.2f}"]
         else:
-            lines.append(f"mIoU ({K} classes)  {self.miou():6.2f}")
+            for label, idx in summaries or [(f"mIoU ({K} classes)", None)]:
+                lines.append(f"{label:<48s} {self.miou(idx):6.2f}")
         return "\n".join(lines)
 
     def __repr__(self):

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CAFFE_BGR_MEAN', 'INPUT_NORMS', 'WEIGHT_KINDS', 'MODELS', 'SegOutput', 'InputNorm',
-           'ResNetBackbone', 'ASPPClassifier', 'SEBlock', 'conv_gn_relu', 'ProDAHead', 'batchnorms', 'DeepLab',
-           'WeightLoadError', 'WeightFileError', 'read_weights_file', 'unwrap_state_dict', 'load_backbone_weights',
-           'conv_bn_relu', 'ResidualBlock', 'ContextModule', 'SynthCityNet', 'build_model', 'ModelConfig',
-           'build_network', 'checkpoint_model_state', 'load_weights', 'network_from_checkpoint', 'bn_layers',
-           'bn_buffers', 'frozen_bn_statistics', 'adapt_batchnorm']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CAFFE_BGR_MEAN', 'INPUT_NORMS', 'LAYOUTS', 'WEIGHT_KINDS', 'MODELS', 'RELEASE_KEYS',
+           'SegOutput', 'InputNorm', 'release_layout', 'ResNetBackbone', 'ASPPClassifier', 'SEBlock', 'conv_gn_relu',
+           'ProDAHead', 'batchnorms', 'DeepLab', 'WeightLoadError', 'WeightFileError', 'numpy_scalar_globals',
+           'read_weights_file', 'unwrap_state_dict', 'load_backbone_weights', 'conv_bn_relu', 'ResidualBlock',
+           'ContextModule', 'SynthCityNet', 'build_model', 'ModelConfig', 'build_network', 'rename_key',
+           'is_release_checkpoint', 'release_weights', 'load_release_checkpoint', 'checkpoint_weights', 'load_weights',
+           'network_from_checkpoint', 'bn_layers', 'bn_buffers', 'frozen_bn_statistics', 'adapt_batchnorm']
 
 # %% ../nbs/03_models.ipynb #812c0113
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,17 +57,31 @@ class InputNorm(nn.Module):
     def extra_repr(self): return repr(self.mode)
 
 # %% ../nbs/03_models.ipynb #df87a28c
+LAYOUTS = ("torchvision", "release")
+
+def release_layout(backbone:nn.Module) -> nn.Module:
+    "Make a torchvision ResNet at output stride 8 the release's: ceil-mode max-pool, layer2's stride on its first 1x1 conv, every block of layer3/layer4 dilated."
+    backbone.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    first = backbone.layer2[0]
+    first.conv1.stride, first.conv2.stride = (2, 2), (1, 1)
+    for layer, d in ((backbone.layer3, 2), (backbone.layer4, 4)):
+        for block in layer: block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
+    return backbone
+
 class ResNetBackbone(nn.Module):
-    "torchvision's ResNet-101 without avgpool and fc; layer3/layer4 dilated for output stride 8 (layer4 only for 16)."
+    "torchvision's ResNet-101 without avgpool and fc; layer3/layer4 dilated for output stride 8 (layer4 only for 16); `layout` torchvision | release."
     out_channels = 2048
-    def __init__(self, output_stride:int=8):
+    def __init__(self, output_stride:int=8, layout:str="torchvision"):
         super().__init__()
         dilate = {8: [False, True, True], 16: [False, False, True]}
         if output_stride not in dilate: raise ValueError(f"output_stride={output_stride}; choose 8 or 16")
+        if layout not in LAYOUTS: raise ValueError(f"layout={layout!r}; choose one of {LAYOUTS}")
+        if layout == "release" and output_stride != 8: raise ValueError("the release's layout has output stride 8")
         resnet = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=dilate[output_stride])
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(resnet, name))   # same names as torchvision: its weight files load as they are
-        self.output_stride = output_stride
+        if layout == "release": release_layout(self)
+        self.output_stride, self.layout = output_stride, layout
 
     def forward(self, x:Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -100,9 +116,11 @@ def conv_gn_relu(in_ch:int, out_ch:int, kernel_size:int, dilation:int=1) -> nn.S
 # %% ../nbs/03_models.ipynb #0e67a93a
 class ProDAHead(nn.Module):
     "The release's head: 1x1 + dilated 3x3 branches (GN, ReLU), concat, SE, 3x3 conv + GN (= features), Dropout2d, 1x1 classifier."
-    def __init__(self, in_ch:int, num_classes:int, rates=(6, 12, 18, 24), channels:int=256, dropout:float=0.1):
+    def __init__(self, in_ch:int, num_classes:int, rates=(6, 12, 18, 24), channels:int=256, dropout:float=0.1,
+                 init:str="kaiming", features_after_dropout:bool=False):
         super().__init__()
-        self.feature_dim = channels
+        if init not in ("kaiming", "release"): raise ValueError(f"init={init!r}; choose 'kaiming' or 'release'")
+        self.feature_dim, self.features_after_dropout = channels, features_after_dropout
         self.branches = nn.ModuleList([conv_gn_relu(in_ch, channels, 1)] +
                                       [conv_gn_relu(in_ch, channels, 3, dilation=r) for r in rates])
         concat = channels * (len(rates) + 1)
@@ -110,6 +128,11 @@ class ProDAHead(nn.Module):
         self.bottleneck = nn.Sequential(nn.Conv2d(concat, channels, 3, padding=1), nn.GroupNorm(32, channels))
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1, bias=False)
+        if init == "release":                     # the ResNet's loop, run last: every conv N(0, 0.01)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d): nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(self.bottleneck[0].bias)
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, mode="fan_in")
             if isinstance(m, nn.Linear): nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -118,6 +141,9 @@ class ProDAHead(nn.Module):
 
     def forward(self, x:Tensor) -> SegOutput:
         features = self.bottleneck(self.se(torch.cat([branch(x) for branch in self.branches], 1)))
+        if self.features_after_dropout:
+            features = self.dropout(features)
+            return SegOutput(features, self.classifier(features))
         return SegOutput(features, self.classifier(self.dropout(features)))
 
 # %% ../nbs/03_models.ipynb #8bef06ab
@@ -128,16 +154,18 @@ def batchnorms(module:nn.Module) -> list[nn.Module]:
 class DeepLab(nn.Module):
     "DeepLab on a dilated ResNet-101: `head='aspp'` (the paper's DeepLabv2) or `'proda'` (the release's head)."
     def __init__(self, num_classes:int=19, head:str="aspp", extra_bn:bool=False, output_stride:int=8,
-                 freeze_bn:bool=False, input_norm:str="none"):
+                 freeze_bn:bool=False, input_norm:str="none", layout:str="torchvision"):
         super().__init__()
         heads = {"aspp": ASPPClassifier, "proda": ProDAHead}
         if head not in heads: raise ValueError(f"head={head!r}; choose one of {sorted(heads)}")
         self.num_classes, self.head_name = num_classes, head
         self.input_norm = InputNorm(input_norm)
-        self.backbone = ResNetBackbone(output_stride)
+        self.backbone = ResNetBackbone(output_stride, layout)
+        self.layout = layout
         self.output_stride = output_stride
         self.extra_bn = nn.BatchNorm2d(ResNetBackbone.out_channels) if extra_bn else None
-        self.head = heads[head](ResNetBackbone.out_channels, num_classes)
+        release = dict(init="release", features_after_dropout=True) if layout == "release" and head == "proda" else {}
+        self.head = heads[head](ResNetBackbone.out_channels, num_classes, **release)
         self.feature_dim = self.head.feature_dim
         self.freeze_bn = False
         if freeze_bn: self.freeze_batchnorm(True)
@@ -176,14 +204,22 @@ class WeightLoadError(ValueError):
 class WeightFileError(WeightLoadError):
     "A weights or checkpoint file that cannot be read safely; the message names the file."
 
+def numpy_scalar_globals() -> list:
+    "The NumPy types a file needs for its NumPy scalars (the release stores `best_iou` as a numpy.float64): data, no code."
+    core = getattr(np, "_core", None) or np.core
+    dtypes = getattr(np, "dtypes", None)
+    kinds = [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")
+             if dtypes is not None and hasattr(dtypes, n)]
+    return [core.multiarray.scalar, np.dtype, *kinds]
+
 def read_weights_file(path, what:str="checkpoint", map_location="cpu", safe_globals=()) -> object:
-    "`torch.load(path, weights_only=True)` (with `safe_globals` allow-listed), or a one-line error naming `path`."
+    "`torch.load(path, weights_only=True)` with NumPy scalars (and `safe_globals`) allowed, or a one-line error naming `path`."
     path = Path(path)
     if path.is_dir(): raise WeightFileError(f"{what} {path} is a folder, not a file")
     if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
-    allowed = torch.serialization.safe_globals(list(safe_globals)) if safe_globals else contextlib.nullcontext()
     try:
-        with allowed: return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([*numpy_scalar_globals(), *safe_globals]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         kind = f"a {found[1]} object" if found else "Python objects"
@@ -328,20 +364,79 @@ class ModelConfig:
     pretrained_kind: str = "imagenet"  # imagenet | simclrv2
     freeze_bn: bool = False            # deeplab_r101 only: BatchNorm in eval mode with frozen affine weights
     extra_bn: bool = False             # deeplab_r101 only: a BatchNorm between the backbone and the head (SimCLRv2 students)
+    layout: str = "torchvision"        # deeplab_r101 only: torchvision | release (the release's ResNet, head init and features)
 
 def build_network(model:ModelConfig) -> nn.Module:
     "The network `model` describes, with its backbone weights loaded when `model.pretrained` is set."
     kw = dict(num_classes=model.num_classes)
-    if model.name.startswith("deeplab"): kw.update(head=model.head, freeze_bn=model.freeze_bn, extra_bn=model.extra_bn)
-    elif model.extra_bn or model.freeze_bn:
-        raise ValueError(f"model.extra_bn and model.freeze_bn are DeepLab options; model.name={model.name!r} has neither")
+    if model.name.startswith("deeplab"):
+        kw.update(head=model.head, freeze_bn=model.freeze_bn, extra_bn=model.extra_bn, layout=model.layout)
+    elif model.extra_bn or model.freeze_bn or model.layout != "torchvision":
+        raise ValueError(f"model.extra_bn, model.freeze_bn and model.layout are DeepLab options; model.name={model.name!r} has none of them")
     net = build_model(model.name, **kw)
     if model.pretrained: load_backbone_weights(net, model.pretrained, kind=model.pretrained_kind)
     return net
 
+# %% ../nbs/03_models.ipynb #bfa3cac1
+RELEASE_KEYS = (("layer5.conv2d_list.", "head.branches."), ("layer5.bottleneck.0.se.", "head.se.gate."),
+                ("layer5.bottleneck.1.", "head.bottleneck.0."), ("layer5.bottleneck.2.", "head.bottleneck.1."),
+                ("layer5.head.1.", "head.classifier."), ("bn_pretrain.", "extra_bn."),
+                *((f"{n}.", f"backbone.{n}.") for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")))
+"(release key prefix, this project's key prefix) for the DeepLab with the release's head."
+
+def rename_key(key:str, to_project:bool=True) -> str|None:
+    "A release key in this project's names (or back, `to_project=False`); None for a key outside the layout."
+    for release, project in RELEASE_KEYS:
+        a, b = (release, project) if to_project else (project, release)
+        if key.startswith(a): return b + key[len(a):]
+    return None
+
+def is_release_checkpoint(obj) -> bool:
+    "True for the dict the release's train.py saves."
+    return isinstance(obj, dict) and isinstance(obj.get("ResNet101"), dict) and "model_state" in obj["ResNet101"]
+
+def _release_state(obj) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj["ResNet101"]["model_state"].items()}
+
+def release_weights(obj) -> dict:
+    "The weights of a release checkpoint `obj` under this project's key names (keys outside the layout are kept as they are)."
+    return {rename_key(k) or k: v for k, v in _release_state(obj).items()}
+
+# %% ../nbs/03_models.ipynb #c12cda68
+def load_release_checkpoint(path, num_classes:int|None=None) -> nn.Module:
+    "The DeepLab of a checkpoint saved by the release's train.py: the release's layout and head, in eval mode."
+    obj = read_weights_file(path, "release checkpoint")
+    if not is_release_checkpoint(obj):
+        raise WeightFileError(f"{path} is not a checkpoint of the ProDA release: expected "
+                              "{'ResNet101': {'model_state', 'objective_vectors'}, 'iter', 'best_iou'}")
+    given = _release_state(obj)
+    if "layer5.head.1.weight" not in given:
+        raise WeightLoadError(f"{path} does not fit the release's DeepLab: missing key layer5.head.1.weight (the classifier)",
+                              missing=["layer5.head.1.weight"])
+    K = given["layer5.head.1.weight"].shape[0]
+    if num_classes is not None and num_classes != K:
+        raise WeightLoadError(f"{path} holds a {K}-class model, {num_classes} classes were asked for")
+    model = DeepLab(K, head="proda", extra_bn="bn_pretrain.weight" in given, layout="release")
+    own = {rename_key(k, to_project=False): v for k, v in model.state_dict().items()}   # release name -> tensor
+    missing = [k for k in own if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in own]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in given and tuple(given[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise WeightLoadError(f"{path} does not fit the release's {K}-class DeepLab: missing keys ({len(missing)}) "
+                              f"{_first(missing, 5)}; unexpected keys ({len(unexpected)}) {_first(unexpected, 5)}; "
+                              f"shape mismatches ({len(shapes)}) {_first(shapes, 5)}", missing, unexpected, shapes)
+    result = model.load_state_dict({rename_key(k): v for k, v in given.items()}, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
+    return model.eval()
+
 # %% ../nbs/03_models.ipynb #c8f1e3c4
-def checkpoint_model_state(obj, ema:bool=False) -> dict:
-    "The model's state dict in a checkpoint `obj` (its stage's EMA model with `ema`), or `obj` itself for a plain state dict."
+def checkpoint_weights(obj, ema:bool=False) -> dict:
+    """The model's state dict in a checkpoint `obj`: a training checkpoint's `model` (its stage's EMA model with
+    `ema`), a release checkpoint's weights renamed to this project's keys (`release_weights`), or a plain state dict."""
+    if is_release_checkpoint(obj):
+        if ema: raise ValueError("a release checkpoint holds no EMA model")
+        return release_weights(obj)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
         if ema: raise ValueError("a plain state dict holds no EMA model")
         return obj
@@ -367,7 +462,7 @@ def load_weights(model:nn.Module, state:dict, what:str) -> nn.Module:
 
 def network_from_checkpoint(model:ModelConfig, path, ema:bool=False, map_location="cpu") -> nn.Module:
     "The network of checkpoint `path` (built as `model` says, with the options its weights imply), in eval mode."
-    state = checkpoint_model_state(read_weights_file(path, "checkpoint", map_location), ema)
+    state = checkpoint_weights(read_weights_file(path, "checkpoint", map_location), ema)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightFileError(f"checkpoint {path} holds no model weights (a dict of tensors)")
     extra_bn = any(k.startswith("extra_bn.") for k in state)

@@ -6,10 +6,12 @@
 from __future__ import annotations
 import copy, json, os, time
 from pathlib import Path
+from typing import NamedTuple
 
 # %% auto #0
-__all__ = ['pipeline_stages', 'stage_config', 'benchmark_name', 'stage_title', 'results_table', 'load_results', 'run_pipeline',
-           'plot_per_class_iou', 'plot_predictions']
+__all__ = ['RECIPES', 'pipeline_stages', 'stage_config', 'benchmark_name', 'stage_title', 'results_table', 'load_results',
+           'run_pipeline', 'plot_per_class_iou', 'plot_predictions', 'Recipe', 'register_recipe', 'get_recipe',
+           'recipe_config']
 
 # %% ../nbs/15_pipeline.ipynb #66f1dbae
 import numpy as np
@@ -17,7 +19,8 @@ import torch
 
 # %% ../nbs/15_pipeline.ipynb #643c14e7
 from .engine import (Config, Trainer, get_stage, stage_names, stage_settings, stage_init, pipeline_names,
-                             init_distributed, build_datasets, headline_classes, barrier)
+                             init_distributed, build_datasets, headline_classes, barrier, set_option)
+from .data import discover_plugins
 from .models import network_from_checkpoint
 
 # %% ../nbs/15_pipeline.ipynb #5c625e62
@@ -176,3 +179,41 @@ def plot_predictions(results:dict, cfg:Config, path=None, n:int=3, device="cpu")
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110); plt.close(fig)
     return fig
+
+# %% ../nbs/15_pipeline.ipynb #0e8c74bf
+from .engine import PaperResult
+
+class Recipe(NamedTuple):
+    "A method as the methods table runs it: `stages` after the shared source-only model, with `options` (dotted)."
+    name: str
+    title: str
+    stages: tuple = ()                     # the chain after source-only ("source_only" alone: the model itself)
+    options: dict = {}                     # dotted options for the chain (`stage.field`: value)
+    published: PaperResult|None = None     # the method paper's GTA5 -> Cityscapes number and network
+    family: str = ""                       # bounds | gap minimisation | pseudo labels | teacher-student | contrastive
+    run: object = None                     # instead of stages: run(cfg, seed_root, source_checkpoint) -> metrics dict
+
+RECIPES: dict = {}
+
+def register_recipe(name:str, title:str, stages=(), options:dict|None=None, published:PaperResult|None=None,
+                    family:str="", run=None) -> Recipe:
+    "Add a method to the methods table: a named chain of stages (or a `run` function) with its settings and paper number."
+    if bool(stages) == bool(run): raise ValueError(f"recipe {name!r} needs either stages or a run function")
+    RECIPES[name] = recipe = Recipe(name, title, tuple(stages), dict(options or {}), published, family, run)
+    return recipe
+
+def get_recipe(name:str) -> Recipe:
+    "The recipe registered as `name` (the package's own found on first use)."
+    if name not in RECIPES: discover_plugins()
+    if name not in RECIPES: raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+def recipe_config(recipe:Recipe, base:Config, root, source_checkpoint=None) -> Config:
+    "The configuration of `recipe`'s chain under `root`: its stages in order, its options, the first one from `source_checkpoint`."
+    cfg = copy.deepcopy(base)
+    cfg.run.out, cfg.run.pipeline = str(root), ",".join(recipe.stages)
+    for key, value in recipe.options.items(): set_option(cfg, key, value)
+    first = recipe.stages[0]
+    if source_checkpoint is not None and first != "source_only" and get_stage(first).init != "none":
+        stage_settings(cfg, first).init = str(source_checkpoint)
+    return cfg

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['has_prototype', 'prototype_distances', 'prototype_weights', 'rectify_pseudo_labels', 'resize_labels',
-           'class_feature_sums', 'update_prototypes', 'initial_prototypes']
+           'class_feature_sums', 'update_prototypes', 'update_prototypes_per_image', 'initial_prototypes']
 
 # %% ../nbs/09_prototypes.ipynb #ed74d16d
 import torch
@@ -132,6 +132,35 @@ def update_prototypes(prototypes:Tensor, features:Tensor, labels:Tensor, momentu
     old = prototypes.to(device=means.device, dtype=means.dtype)
     moved = torch.where(has_prototype(old)[:, None], momentum * old + (1 - momentum) * means, means)
     return torch.where(present[:, None], moved, old).to(prototypes.dtype)
+
+# %% ../nbs/09_prototypes.ipynb #aa9afc1d
+@torch.no_grad()
+def update_prototypes_per_image(prototypes:Tensor, features:Tensor, labels:Tensor, momentum:float,
+                                ignore_index:int=IGNORE_INDEX, min_pixels:int=1, distributed:bool=False) -> Tensor:
+    """New prototypes (K,D) after one moving-average step per image (in batch order) and per class with at least
+    `min_pixels` pixels of that image, towards the image's class mean. `distributed=True`: every rank's images, in
+    rank order, so that all ranks stay identical."""
+    if not 0.0 <= momentum <= 1.0: raise ValueError(f"update_prototypes_per_image: momentum must be in [0, 1], got {momentum}")
+    _check_prototypes(features, prototypes, "update_prototypes_per_image")
+    (K, D), B = prototypes.shape, len(features)
+    ids = (torch.arange(B, device=labels.device)[:, None, None] * K + labels.long()).masked_fill(labels == ignore_index, -1)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= K))
+    if bad.any(): raise ValueError(f"labels hold values outside the classes 0..{K - 1} and not the ignore index {ignore_index}")
+    sums, counts = class_feature_sums(features, ids, B * K, ignore_index=-1)            # (B*K,D), (B*K,)
+    means = (sums / counts.clamp_min(1)[:, None]).view(B, K, D)
+    present = (counts >= max(min_pixels, 1)).view(B, K)
+    if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        G = dist.get_world_size()
+        flat = torch.cat([means.reshape(B, -1), present.to(means.dtype)], 1)          # one message per rank
+        gathered = [torch.empty_like(flat) for _ in range(G)]
+        dist.all_gather(gathered, flat)
+        flat = torch.cat(gathered)
+        means, present = flat[:, :K * D].view(-1, K, D), flat[:, K * D:] > 0.5
+    p = prototypes.to(device=means.device, dtype=means.dtype).clone()
+    for m, here in zip(means, present):                                                # images, in order
+        step = torch.where(has_prototype(p)[:, None], momentum * p + (1 - momentum) * m, m)
+        p = torch.where(here[:, None], step, p)
+    return p.to(prototypes.dtype)
 
 # %% ../nbs/09_prototypes.ipynb #24b57f5c
 @torch.no_grad()

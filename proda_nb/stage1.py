@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib, dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 # %% auto #0
-__all__ = ['BN_STATS', 'Stage1Config', 'check_stage1_settings', 'prepare_offline_labels', 'Stage1']
+__all__ = ['BN_STATS', 'CHOICES', 'Stage1Config', 'check_stage1_settings', 'prepare_offline_labels', 'checkpoint_prototypes',
+           'Stage1']
 
 # %% ../nbs/12_stage1.ipynb #59e7d058
 import torch
@@ -22,12 +23,12 @@ from torch import Tensor
 from fastcore.basics import patch
 from .engine import (Stage, StageConfig, PaperResult, Size2, register_stage, check_resume_settings,
                              segmentation_ce, barrier)
-from .models import adapt_batchnorm, batchnorms, frozen_bn_statistics
+from .models import adapt_batchnorm, batchnorms, frozen_bn_statistics, is_release_checkpoint
 from .consistency import (weak_view, strong_view, warp, compose, prototype_kl, entropy_regularizer,
                                   create_ema_model, ema_update, ema_pairs)
 from .sce import symmetric_cross_entropy
-from .prototypes import (prototype_weights, rectify_pseudo_labels, update_prototypes, initial_prototypes,
-                                 has_prototype)
+from .prototypes import (prototype_weights, rectify_pseudo_labels, update_prototypes, update_prototypes_per_image,
+                                 initial_prototypes, has_prototype)
 from .pseudo_labels import SoftLabelStore, StoreError, build_soft_label_store, checkpoint_id
 
 # %% ../nbs/12_stage1.ipynb #de9ac6da
@@ -47,13 +48,21 @@ class Stage1Config(StageConfig):
     proto_min_pixels: int = 10         # a class updates its prototype only with this many pixels in the batch
     ema_momentum: float = 0.999        # m of the momentum encoder
     weak_crop: Optional[Size2] = None  # weak view crop (width, height) of the full target image (None = whole image)
+    weak_scale: Tuple[float, float] = (1.0, 1.0)   # the weak view rescales the full image by U(low, high) before the crop
     bn_stats: str = "target"           # student's BN running statistics from: target (weak views only) | all (every pass)
+    kl_per_class: bool = False         # divide the prototype KL by the number of classes too (the release's normaliser)
+    proto_update: str = "batch"        # batch (one step towards the batch's class means) | image (one step per image: the release)
+    init_prototypes: str = "compute"   # compute (from the init model) | checkpoint (the init file's: a release file's objective_vectors)
+    source_backward: str = "early"     # early (source CE back-propagated before the target passes: the release) | joint
 
 BN_STATS = ("target", "all")
+CHOICES = {"bn_stats": BN_STATS, "proto_update": ("batch", "image"), "init_prototypes": ("compute", "checkpoint"),
+           "source_backward": ("early", "joint")}
 
 def check_stage1_settings(s:Stage1Config) -> Stage1Config:
     "Raise ValueError on an invalid stage-1 setting; returns `s`."
-    if s.bn_stats not in BN_STATS: raise ValueError(f"stage1.bn_stats must be one of {BN_STATS}, got {s.bn_stats!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(s, name) not in allowed: raise ValueError(f"stage1.{name} must be one of {allowed}, got {getattr(s, name)!r}")
     for name in ("gamma1", "gamma2", "sce_alpha", "sce_beta", "iters", "lr"):
         if getattr(s, name) < 0: raise ValueError(f"stage1.{name} must be >= 0, got {getattr(s, name)}")
     if not s.tau > 0: raise ValueError(f"stage1.tau must be positive, got {s.tau}")
@@ -75,11 +84,23 @@ def prepare_offline_labels(model:nn.Module, dataset, init_path, store_path=None,
                          "delete it to rebuild it")
     return store
 
+# %% ../nbs/12_stage1.ipynb #3fe90ad8
+def checkpoint_prototypes(obj):
+    "The prototypes (K,D) a checkpoint holds: a release file's `objective_vectors`, a stage-1 run's prototypes; else None."
+    if is_release_checkpoint(obj):
+        vectors = obj["ResNet101"].get("objective_vectors")
+        return None if vectors is None else torch.as_tensor(vectors).reshape(-1, torch.as_tensor(vectors).shape[-1])
+    if not isinstance(obj, dict): return None
+    state = (obj.get("stage") or {}).get("state") or {}
+    return state.get("prototypes", obj.get("prototypes"))
+
 # %% ../nbs/12_stage1.ipynb #fb263224
 @register_stage("stage1", settings=Stage1Config, init="required", title="stage 1 (denoising + structure)",
                 paper=PaperResult("ProDA stage 1: denoising + structure learning", 53.7),
                 presets={"synthcity": dict(iters=250, lr=0.02, weak_crop=(96, 48)),     # about a minute on two cores
-                         "gta5_to_cityscapes": dict(init_adabn=False, weak_crop=(896, 512), lr=1e-4)})
+                         "gta5_to_cityscapes": dict(init_adabn=False, weak_crop=(896, 512), weak_scale=(0.5, 1.5), lr=1e-4,
+                                                    head_lr_mult=1.0, kl_per_class=True, proto_update="image", bn_stats="all"),
+                         "synthia_to_cityscapes": dict(gamma2=0.0)})                  # the release's SYNTHIA command
 class Stage1(Stage):
     "ProDA stage 1: source CE + target (S)CE on (rectified) offline labels + gamma1 * prototype KL + gamma2 * regulariser."
     uses_target, target_augment = True, "plain"
@@ -89,6 +110,15 @@ class Stage1(Stage):
 
     def check_settings(self, s): check_stage1_settings(s)
 
+    def load_init(self, model, init, path):
+        super().load_init(model, init, path)
+        self.init_prototypes = None
+        if self.settings.init_prototypes == "checkpoint":
+            self.init_prototypes = checkpoint_prototypes(init)
+            if self.init_prototypes is None:
+                raise ValueError(f"stage1.init_prototypes=checkpoint: {path} holds no prototypes (a release file's "
+                                 "objective_vectors, or a stage-1 checkpoint's)")
+
     def setup(self, trainer):
         super().setup(trainer)
         s, env, model = self.settings, trainer.env, trainer.raw_model
@@ -97,8 +127,9 @@ class Stage1(Stage):
         self.store = prepare_offline_labels(model, target, trainer.init_path, s.soft_labels or None, s.init_adabn,
                                             env.device, env.is_main)
         self.uses_prototypes = s.denoise or s.gamma1 > 0
-        self.prototypes = (initial_prototypes(model, target, device=env.device, distributed=env.distributed)
-                           if self.uses_prototypes else None)
+        if not self.uses_prototypes: self.prototypes = None
+        elif getattr(self, "init_prototypes", None) is not None: self.prototypes = self.init_prototypes.float().to(env.device)
+        else: self.prototypes = initial_prototypes(model, target, device=env.device, distributed=env.distributed)
         self.ema_model = create_ema_model(model)
         self.ema_model.train()               # as the release: batch statistics of the full target batch
         self.index_models()
@@ -128,7 +159,7 @@ def views(self:Stage1, images:Tensor):
     "The weak view and its geometry; the strong view and the composed full -> strong geometry (None without the KL)."
     s, (H, W) = self.settings, images.shape[-2:]
     crop = (s.weak_crop[1], s.weak_crop[0]) if s.weak_crop else (H, W)
-    x_w, g_w = weak_view(images, crop)
+    x_w, g_w = weak_view(images, crop, scale_range=s.weak_scale)
     if s.gamma1 <= 0: return x_w, g_w, None, None
     x_s, g_s = strong_view(x_w)
     return x_w, g_w, x_s, compose(g_w, g_s)
@@ -139,13 +170,18 @@ def loss_terms(self:Stage1, batch:dict) -> dict:
     "Every term of the stage-1 loss for one micro-batch (unweighted; zero tensors for switched-off terms)."
     s, model, src, tgt = self.settings, self.trainer.model, batch["source"], batch["target"]
     bn = lambda: frozen_bn_statistics(self.student_bns) if s.bn_stats == "target" else contextlib.nullcontext()
-    with bn(): s_logits = model(src["image"]).logits
-    terms = {"source_ce": segmentation_ce(s_logits, src["label"])}
+    early = s.source_backward == "early"
+    with self.trainer.no_sync() if early else contextlib.nullcontext():
+        with bn(): s_logits = model(src["image"]).logits
+        source_ce = segmentation_ce(s_logits, src["label"])
+        if early: self.trainer.backward(source_ce)       # frees the source activations before the target passes
+    terms = {"source_ce": source_ce.detach() if early else source_ce}
     images = tgt["image"]
     t_feats, t_logits, labels = self.teacher_labels(images, tgt["index"])
     if self.uses_prototypes:                           # computed here, while the teacher's maps are still in cache
-        new_prototypes = update_prototypes(self.prototypes, t_feats, t_logits.max(1).indices, s.proto_momentum,
-                                           min_pixels=s.proto_min_pixels, distributed=self.trainer.env.distributed)
+        update = update_prototypes_per_image if s.proto_update == "image" else update_prototypes
+        new_prototypes = update(self.prototypes, t_feats, t_logits.max(1).indices, s.proto_momentum,
+                                min_pixels=s.proto_min_pixels, distributed=self.trainer.env.distributed)
     x_w, g_w, x_s, g_ws = self.views(images)
     w_feats, w_logits = model(x_w)
     labels_w, _ = warp(labels, g_w, size=w_logits.shape[-2:])      # full image's grid -> weak view's output grid
@@ -158,6 +194,7 @@ def loss_terms(self:Stage1, batch:dict) -> dict:
         with torch.no_grad(): teacher, valid = warp(t_feats.float(), g_ws, size=s_feats.shape[-2:])
         present = has_prototype(self.prototypes)
         terms["kl"] = prototype_kl(s_feats, teacher, self.prototypes[present], s.tau, valid=valid)
+        if s.kl_per_class: terms["kl"] = terms["kl"] / self.cfg.model.num_classes
     if s.gamma2 > 0: terms["reg"] = entropy_regularizer(w_logits)
     if self.uses_prototypes: self.prototypes = new_prototypes        # the loss above used the step's old prototypes
     return terms
@@ -165,7 +202,8 @@ def loss_terms(self:Stage1, batch:dict) -> dict:
 @patch
 def compute_loss(self:Stage1, batch):
     s, t = self.settings, self.loss_terms(batch)
-    loss = t["source_ce"] + t["target"] + s.gamma1 * t["kl"] + s.gamma2 * t["reg"]
+    loss = t["target"] + s.gamma1 * t["kl"] + s.gamma2 * t["reg"]
+    if s.source_backward == "joint": loss = loss + t["source_ce"]   # "early": already back-propagated
     return loss, {f"loss_{k}": v.detach() for k, v in t.items()}
 
 # %% ../nbs/12_stage1.ipynb #a1f1ed34

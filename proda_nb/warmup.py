@@ -126,6 +126,7 @@ class WarmupConfig(StageConfig):
     aux_layer: str = ""                # multi-level: module whose output the auxiliary classifier reads ('' = the model's default)
     d_lr: float = 1e-4                 # discriminator Adam
     d_betas: Tuple[float, float] = (0.9, 0.99)
+    d_poly: bool = True                # the discriminator's learning rate follows the segmenter's poly decay (the release)
     source_label: float = 0.0
     target_label: float = 1.0
     upsample: bool = True              # softmax at the image size (AdaptSegNet) instead of the logits' size
@@ -162,6 +163,7 @@ class Warmup(Stage):
             self._aux_lr = o.lr * o.head_lr_mult
             self.aux_optimizer = torch.optim.SGD(self.aux.parameters(), lr=self._aux_lr, momentum=o.momentum,
                                                  weight_decay=o.weight_decay)
+        self._d_lrs = [g["lr"] for g in self.d_optimizer.param_groups]
 
     def _discriminators(self):
         return [self.discriminator] + ([self.aux_discriminator] if self.aux is not None else [])
@@ -226,9 +228,11 @@ def discriminator_step(self:Warmup) -> float:
 @patch
 def after_step(self:Warmup, iteration:int):
     self.discriminator_step()
+    cfg = self.trainer.cfg
+    factor = poly_factor(iteration, cfg.schedule.poly_iters or cfg.schedule.iters, cfg.schedule.power)
+    if self.settings.d_poly:
+        for g, lr in zip(self.d_optimizer.param_groups, self._d_lrs): g["lr"] = lr * factor
     if self.aux is not None:
-        cfg = self.trainer.cfg
-        factor = poly_factor(iteration, cfg.schedule.poly_iters or cfg.schedule.iters, cfg.schedule.power)
         self.trainer.sync_gradients(self.aux.parameters())
         self.aux_optimizer.step(); self.aux_optimizer.zero_grad(set_to_none=True)
         for g in self.aux_optimizer.param_groups: g["lr"] = self._aux_lr * factor
