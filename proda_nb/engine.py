@@ -450,7 +450,7 @@ class InfiniteLoader:
             yield from loader
             epoch, k = epoch + 1, 0
 
-# %% ../nbs/05_engine.ipynb #e68e5ee3
+# %% ../nbs/05_engine.ipynb #dd5c7e61
 class Stage:
     "What a training stage adds to the shared loop; subclass and register with `@register_stage(name, ...)`."
     name, title, paper, init = "base", "base", None, "none"      # set by `register_stage`
@@ -495,6 +495,9 @@ class Stage:
         raise NotImplementedError
     def after_step(self, iteration:int):
         "Called after each optimizer step (`iteration` = steps done so far): EMA, prototypes, discriminator..."
+    def lr_factor(self, iteration:int) -> float:
+        "A factor on the poly schedule's learning rate at step `iteration` (a function of it alone, so resumes are exact)."
+        return 1.0
     def eval_model(self) -> nn.Module:
         "The network to evaluate."
         return self.trainer.raw_model
@@ -813,7 +816,7 @@ class Trainer:
         self._early_loss = torch.zeros((), device=self.env.device)
         stage.setup(self)
 
-# %% ../nbs/05_engine.ipynb #0c717a9e
+# %% ../nbs/05_engine.ipynb #4b9e9bf3
 @patch
 def _wrap_model(self:Trainer, model:nn.Module):
     if self.cuda and self.cfg.run.channels_last: model = model.to(memory_format=torch.channels_last)
@@ -832,7 +835,8 @@ def _build_optimizer(self:Trainer):
     self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                      nesterov=o.nesterov)
     horizon = cfg.schedule.poly_iters or cfg.schedule.iters
-    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: poly_factor(i, horizon, cfg.schedule.power))
+    self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.optimizer, lambda i: poly_factor(i, horizon, cfg.schedule.power) * self.stage.lr_factor(i))
     self.amp_dtype = AMP_DTYPES[cfg.run.amp] if self.cuda else None
     self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
 
