@@ -624,7 +624,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     "A checkpoint written by `Trainer.save_checkpoint` (or any weights_only-safe file); a one-line error naming the file otherwise."
     return read_weights_file(path, "checkpoint", map_location=map_location)
 
-# %% ../nbs/05_engine.ipynb #9e07a9a5
+# %% ../nbs/05_engine.ipynb #7ca2ecfe
 def sliding_logits(model:nn.Module, image:torch.Tensor, window:Size2, stride:Optional[Size2]=None,
                    align_corners:bool=False) -> torch.Tensor:
     "Logits (B,K,H,W) at the image's resolution from overlapping `window`=(w,h) crops, averaged where they overlap."
@@ -657,9 +657,9 @@ def evaluate(model:nn.Module, dataset, cfg:Config=None, env:DistEnv=None, autoca
     n = len(dataset) if not cfg.data.max_val else min(cfg.data.max_val, len(dataset))
     part = Subset(dataset, list(range(env.rank, n, env.world_size)))
     loader = DataLoader(part, batch_size=1, num_workers=cfg.data.num_workers)
-    K = len(label_set(cfg.data.label_set))
-    if cfg.model.num_classes != K:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but data.label_set={cfg.data.label_set!r} has {K} classes")
+    K = cfg.model.num_classes
+    if cfg.data.label_set != "19" and K != len(label_set(cfg.data.label_set)):   # "19": labels as the dataset stores them
+        raise ValueError(f"model.num_classes={K} but data.label_set={cfg.data.label_set!r} has {len(label_set(cfg.data.label_set))} classes")
     cm = ConfusionMatrix(K, IGNORE_INDEX)
     if progress and sys.stderr.isatty():                   # a log file gets no evaluation bar
         from tqdm.auto import tqdm
@@ -690,12 +690,18 @@ def headline_indices(classes:str="19", labels:str="19") -> Optional[list]:
     ids = headline_classes(classes)[0]
     return None if ids is None else label_set_indices(labels, ids)
 
+def _own_classes(cm, labels:str) -> bool:
+    "Whether `cm` is over the classes of label set `labels` (else: a dataset of its own numbering, e.g. in a test)."
+    return cm.num_classes == len(label_set(labels))
+
 def headline_miou(cm, classes:str="19", labels:str="19") -> float:
     "mIoU (percent) over the classes that `eval.classes` names, for a model predicting label set `labels`."
+    if not _own_classes(cm, labels): return float(cm.miou())
     return float(cm.miou(headline_indices(classes, labels)))
 
 def summary_mious(cm, labels:str="19") -> dict:
     "mIoU19 / mIoU16 / mIoU13, each when the model (label set `labels`) predicts all of its classes."
+    if not _own_classes(cm, labels): return {}
     own = set(label_set(labels))
     return {k: headline_miou(cm, k, labels) for k in SUMMARY_SUBSETS
             if set(headline_classes(k)[0] or range(NUM_CLASSES)) <= own}
