@@ -10,7 +10,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['STORE_MAGIC', 'STORE_FORMAT', 'CLASS_BITS', 'VALUE_BITS', 'VALUE_MAX', 'encode_soft_labels', 'decode_soft_labels',
            'peaky_softmax', 'checkpoint_id', 'StoreError', 'SoftLabelStore', 'build_soft_label_store',
-           'confidence_threshold_labels', 'cbst_thresholds', 'cbst_labels']
+           'confidence_threshold_labels', 'cbst_thresholds', 'cbst_labels', 'labelled_shares']
 
 # %% ../nbs/08_pseudo_labels.ipynb #3e16f96d
 import numpy as np
@@ -220,3 +220,13 @@ def cbst_labels(probs:Tensor, thresholds:Tensor) -> Tensor:
     ratio = probs / thresholds.to(probs).view(1, -1, 1, 1)
     best, labels = ratio.max(1)
     return labels.masked_fill(best < 1, IGNORE_INDEX)
+
+# %% ../nbs/08_pseudo_labels.ipynb #13d89730
+def labelled_shares(probs:Tensor, threshold:float=0.9, portion:float=0.2) -> Tensor:
+    "(K, 2): per class, the share of its predicted pixels that a global `threshold` keeps, and that CBST at `portion` keeps."
+    pred = probs.max(1).indices
+    kept = [confidence_threshold_labels(probs, threshold), cbst_labels(probs, cbst_thresholds(probs, portion))]
+    K = probs.shape[1]
+    counts = torch.bincount(pred.ravel(), minlength=K).float()
+    shares = [torch.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=K).float() / counts.clamp_min(1) for labels in kept]
+    return torch.stack(shares, 1)
