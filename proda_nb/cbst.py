@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 # %% auto #0
-__all__ = ['POLICIES', 'RESUME_KEYS', 'round_portion', 'round_of', 'round_lr_factor', 'global_threshold', 'round_thresholds',
-           'label_counts', 'policy_shares', 'spatial_prior', 'apply_spatial_prior', 'PriorWeighted', 'weights_id',
-           'label_round', 'round_statistics', 'target_label_maps', 'CbstConfig', 'check_cbst_settings', 'cbst_paper',
-           'Cbst']
+__all__ = ['POLICIES', 'RESUME_KEYS', 'round_portion', 'round_of', 'round_lr_factor', 'round_thresholds', 'label_counts',
+           'policy_shares', 'spatial_prior', 'apply_spatial_prior', 'PriorWeighted', 'weights_id', 'label_round',
+           'round_statistics', 'target_label_maps', 'CbstConfig', 'check_cbst_settings', 'cbst_paper', 'Cbst']
 
 # %% ../nbs/18_cbst.ipynb #a9c38f6c
 import numpy as np
@@ -31,7 +30,7 @@ from .data import dataset_from_config
 from .labels import IGNORE_INDEX
 from .consistency import weak_view, warp
 from .pseudo_labels import (SoftLabelStore, StoreError, build_soft_label_store, cbst_thresholds, cbst_labels,
-                                    confidence_threshold_labels, VALUE_MAX, _kth_from_histogram)
+                                    global_threshold, confidence_threshold_labels, VALUE_MAX)
 from .pipeline import register_recipe
 
 # %% ../nbs/18_cbst.ipynb #8b3bcc35
@@ -49,19 +48,6 @@ def round_lr_factor(r:int) -> float:
 
 # %% ../nbs/18_cbst.ipynb #1c397eb3
 POLICIES = ("cbst", "global")
-
-def global_threshold(probs_or_store, portion:float, batch_size:int=256) -> float:
-    "Plain self-training's threshold: the confidence at position floor(portion * N) of all N pixels' confidences, sorted decreasingly."
-    if not 0 <= portion <= 1: raise ValueError(f"portion must be in [0, 1], got {portion}")
-    if isinstance(probs_or_store, SoftLabelStore):
-        store, hist = probs_or_store, np.zeros(VALUE_MAX + 1, np.int64)
-        for start in range(0, len(store), batch_size):          # entry 0 of each pixel's codes is its argmax
-            top = np.asarray(store.codes[start:start + batch_size, 0]).ravel().astype(np.int64)
-            hist += np.bincount(top & VALUE_MAX, minlength=VALUE_MAX + 1)
-        return _kth_from_histogram(hist, portion)
-    confidence = probs_or_store.max(1).values.ravel().sort(descending=True).values
-    if len(confidence) == 0: return math.inf
-    return float(confidence[min(int(math.floor(portion * len(confidence))), len(confidence) - 1)])
 
 def round_thresholds(probs_or_store, portion:float, policy:str="cbst") -> Tensor:
     "The vector k (K,) of a round: CBST's per-class thresholds, or the global threshold for every class."
@@ -271,6 +257,12 @@ def ensure_round(self:Cbst, r:int):
         return
     self.begin_round(r)
 
+@patch
+def before_step(self:Cbst, iteration:int):
+    "Before optimizer step `iteration`: start the round it belongs to (or reopen it after a resume)."
+    s = self.settings
+    self.ensure_round(round_of(iteration, s.round_iters, s.rounds))
+
 # %% ../nbs/18_cbst.ipynb #e2ead2df
 @patch
 def begin_round(self:Cbst, r:int):
@@ -346,7 +338,6 @@ def target_labels(self:Cbst, indices, device) -> Tensor:
 @patch
 def compute_loss(self:Cbst, batch):
     s, src, tgt = self.settings, batch["source"], batch["target"]
-    self.ensure_round(round_of(self.trainer.iteration, s.round_iters, s.rounds))
     model = self.trainer.model
     loss_source = segmentation_ce(model(src["image"]).logits, src["label"])
     labels = self.target_labels(tgt["index"], tgt["image"].device)

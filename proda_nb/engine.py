@@ -450,7 +450,7 @@ class InfiniteLoader:
             yield from loader
             epoch, k = epoch + 1, 0
 
-# %% ../nbs/05_engine.ipynb #dd5c7e61
+# %% ../nbs/05_engine.ipynb #e69edeac
 class Stage:
     "What a training stage adds to the shared loop; subclass and register with `@register_stage(name, ...)`."
     name, title, paper, init = "base", "base", None, "none"      # set by `register_stage`
@@ -490,6 +490,8 @@ class Stage:
     def setup(self, trainer):
         "Called once the model, optimizer and loaders exist: build extra models and optimizers here."
         self.trainer = trainer
+    def before_step(self, iteration:int):
+        "Called before optimizer step `iteration` (0-based), outside autocast and before the step's seeding: relabelling, a new round."
     def compute_loss(self, batch:dict) -> tuple:
         "Loss (scalar tensor) and a dict of detached scalars to log, for one micro-batch."
         raise NotImplementedError
@@ -879,11 +881,12 @@ def log(self:Trainer, record:dict):
         for k, v in record.items():
             if k != "iteration" and isinstance(v, (int, float)): self.writer.add_scalar(k, v, record["iteration"])
 
-# %% ../nbs/05_engine.ipynb #b981293c
+# %% ../nbs/05_engine.ipynb #dde2ec62
 @patch
 def train_step(self:Trainer, source, target) -> dict:
     "Forward/backward over the micro-batches of one global batch, then the optimizer step; returns the logs."
     cfg, A, step = self.cfg, self.cfg.optim.accum_steps, self.iteration
+    self.stage.before_step(step)
     self.model.train()
     bufs = bn_buffers(self.raw_model)                        # snapshot: for accumulation and for a NaN step
     start, acc = [b.clone() for b in bufs], [torch.zeros_like(b) for b in bufs]

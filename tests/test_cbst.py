@@ -71,25 +71,25 @@ def test_recipes():
 
 # -- one round, by hand -------------------------------------------------------------------------------------------
 def test_thresholds_and_labels_by_hand():
-    # CBST: k = (0.7, 0.65, 0.45) (position floor(0.5 N_c) of each class's sorted confidences); global: 0.65
-    assert torch.allclose(round_thresholds(EXAMPLE, 0.5, "cbst"), torch.tensor([0.7, 0.65, 0.45]))
-    assert torch.allclose(round_thresholds(EXAMPLE, 0.5, "global"), torch.full((3,), 0.65))
+    # CBST: k = (0.8, 0.85, 0.5), the floor(0.5 N_c)-th largest confidence of each class; global: 0.7, the 4th of 8
+    assert torch.allclose(round_thresholds(EXAMPLE, 0.5, "cbst"), torch.tensor([0.8, 0.85, 0.5]))
+    assert torch.allclose(round_thresholds(EXAMPLE, 0.5, "global"), torch.full((3,), 0.7))
     shares = policy_shares(EXAMPLE, 0.5)
-    assert shares["cbst"].tolist() == [0.75, 1.0, 1.0] and shares["global"].tolist() == [0.75, 1.0, 0.0]
+    assert shares["cbst"].tolist() == [0.5, 0.5, 0.5] and shares["global"].tolist() == [0.75, 0.5, 0.0]
 
 
-@pytest.mark.parametrize("policy,expected", [("cbst", [[[0, 0, 0, I]], [[1, 1, 2, 2]]]),
-                                             ("global", [[[0, 0, 0, I]], [[1, 1, I, I]]])])
+@pytest.mark.parametrize("policy,expected", [("cbst", [[[0, 0, I, I]], [[1, I, 2, I]]]),
+                                             ("global", [[[0, 0, 0, I]], [[1, I, I, I]]])])
 def test_one_round_labels_against_a_hand_built_example(tmp_path, policy, expected):
     store, k = label_round(FixedLogits(EXAMPLE.log()), IMAGES, tmp_path / "round.bin", "hand", 0.5, policy, top_k=3)
-    hand = [0.7, 0.65, 0.45] if policy == "cbst" else [0.65] * 3
+    hand = [0.8, 0.85, 0.5] if policy == "cbst" else [0.7] * 3
     assert torch.allclose(k, torch.tensor(hand), atol=1 / VALUE_MAX)           # the store's 11-bit confidences
     assert cbst_labels(store[[0, 1]], k).tolist() == expected
     truth = torch.tensor([[[0, 0, 1, 0]], [[1, 1, 2, 1]]], dtype=torch.uint8)
     st = round_statistics(store, {policy: k}, truth)
     assert st["predicted"] == [4, 2, 2] and st["pixels"] == 8
-    assert st["labelled"][policy] == ([3, 2, 2] if policy == "cbst" else [3, 2, 0])
-    assert st["correct"][policy] == ([2, 2, 1] if policy == "cbst" else [2, 2, 0])
+    assert st["labelled"][policy] == ([2, 1, 1] if policy == "cbst" else [3, 1, 0])
+    assert st["correct"][policy] == ([2, 1, 1] if policy == "cbst" else [2, 1, 0])
 
 
 def test_spatial_prior_by_hand(tmp_path):
