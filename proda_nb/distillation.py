@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 __all__ = ['STUDENT_INITS', 'KD_TEACHERS', 'PAPER_STAGE2', 'softened_softmax', 'distill_kl', 'resize_logits', 'kd_loss',
            'release_kd_value', 'teacher_outputs', 'probs_from_outputs', 'teacher_probs', 'labels_from_probs',
            'teacher_labels', 'DistillConfig', 'Stage3Config', 'check_distill_settings', 'stage2_paper_row',
-           'has_extra_bn', 'default_student_weights', 'init_student', 'Distillation', 'Stage3']
+           'has_extra_bn', 'default_student_weights', 'init_student', 'Distillation', 'Stage3',
+           'teacher_target_summary']
 
 # %% ../nbs/14_distillation.ipynb #97e32845
 import torch
@@ -289,3 +290,9 @@ def load_state_dict(self:Distillation, state:dict):
                          "gta5_to_cityscapes": dict(lr=6e-4, weak_crop=(896, 512), weak_scale=(0.5, 1.5), bn_stats="all")})
 class Stage3(Distillation):
     "ProDA stage 3: stage 2 again, with stage 2's student as the teacher (settings from cfg.stage3)."
+
+# %% ../nbs/14_distillation.ipynb #398421a7
+def teacher_target_summary(logits:Tensor, T:float=1.0, threshold:float=0.95) -> tuple[float, float]:
+    "For teacher logits (B,K,H,W): the share of pixels its labels keep at `threshold`, and the mean top probability at `T`."
+    kept = (labels_from_probs(softened_softmax(logits), threshold) != IGNORE_INDEX).float().mean().item()
+    return kept, softened_softmax(logits, T).max(1).values.mean().item()

@@ -9,7 +9,8 @@ from __future__ import annotations
 __all__ = ['NUM_CLASSES', 'IGNORE_INDEX', 'CLASSES', 'CITYSCAPES_LABEL_IDS', 'PALETTE', 'CITYSCAPES_ID_TO_TRAIN_ID',
            'SYNTHIA_ID_TO_TRAIN_ID', 'SYNTHIA_16', 'SYNTHIA_13', 'LABEL_SETS', 'CLASS_SUBSETS', 'SUMMARY_SUBSETS',
            'make_lut', 'id_to_train_id', 'train_id_to_id', 'synthia_id_to_train_id', 'label_set', 'label_set_lut',
-           'label_set_indices', 'register_class_subset', 'class_subset', 'colorize', 'legend_patches', 'show_label']
+           'label_set_indices', 'label_set_train_ids', 'register_class_subset', 'class_subset', 'colorize',
+           'legend_patches', 'show_label']
 
 # %% ../nbs/00_labels.ipynb #142b04bd
 import numpy as np
@@ -111,6 +112,13 @@ def label_set_indices(name:str, train_ids) -> list:
     "The model class indices of `train_ids` in label set `name` (train ids the set does not predict are left out)."
     ids = label_set(name)
     return [ids.index(t) for t in train_ids if t in ids]
+
+def label_set_train_ids(label, name:str) -> np.ndarray:
+    "A map of the model's class indices in label set `name` (array or tensor) -> train ids; IGNORE_INDEX stays."
+    if isinstance(label, torch.Tensor): label = label.detach().cpu().numpy()
+    back = np.full(256, IGNORE_INDEX, np.uint8)
+    back[:len(label_set(name))] = label_set(name)
+    return back[np.asarray(label)]
 
 # %% ../nbs/00_labels.ipynb #989c3bd1
 CLASS_SUBSETS = {"19": (None, "all 19 classes"), "16": (SYNTHIA_16, "SYNTHIA's 16 classes"),

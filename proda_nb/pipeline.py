@@ -19,7 +19,7 @@ import torch
 
 # %% ../nbs/15_pipeline.ipynb #643c14e7
 from .engine import (Config, Trainer, get_stage, stage_names, stage_settings, stage_init, pipeline_names,
-                             init_distributed, build_datasets, headline_classes, barrier, set_option)
+                             init_distributed, build_datasets, headline_classes, headline_indices, barrier, set_option)
 from .data import discover_plugins
 from .models import network_from_checkpoint
 
@@ -135,9 +135,11 @@ def run_pipeline(cfg:Config, env=None, resume:bool=False, only:list|None=None, p
 def plot_per_class_iou(results:dict, cfg:Config, path=None):
     "Grouped bars: the IoU of each headline class (x) after each stage (colour); saved to `path` when given."
     import matplotlib.pyplot as plt
-    from proda_nb.labels import CLASSES
-    ids, what = headline_classes(cfg.eval.classes)
-    ids = list(range(len(CLASSES))) if ids is None else list(ids)
+    from proda_nb.labels import CLASSES, label_set
+    classes = label_set(cfg.data.label_set)                      # model class i is train id classes[i]
+    what = headline_classes(cfg.eval.classes)[1]
+    ids = headline_indices(cfg.eval.classes, cfg.data.label_set)
+    ids = list(range(len(classes))) if ids is None else list(ids)
     stages = [s for s in results["stages"] if s.get("iou")]
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(ids)), 3.6))
     width = 0.8 / max(1, len(stages))
@@ -145,7 +147,7 @@ def plot_per_class_iou(results:dict, cfg:Config, path=None):
         vals = [s["iou"][i] if s["iou"][i] is not None else 0.0 for i in ids]
         ax.bar(np.arange(len(ids)) + (j - (len(stages) - 1) / 2) * width, vals, width,
                label=f"{stage_title(s['name'])}: {s['miou']:.1f}")
-    ax.set_xticks(range(len(ids))); ax.set_xticklabels([CLASSES[i] for i in ids], rotation=30, ha="right")
+    ax.set_xticks(range(len(ids))); ax.set_xticklabels([CLASSES[classes[i]] for i in ids], rotation=30, ha="right")
     ax.set_ylabel("IoU (%)"); ax.set_ylim(0, 100); ax.set_title(f"{results['benchmark']}: target val IoU per class ({what})")
     ax.legend(fontsize=7, ncol=min(3, len(stages)), loc="upper right")
     fig.tight_layout()
@@ -157,7 +159,7 @@ def plot_per_class_iou(results:dict, cfg:Config, path=None):
 def plot_predictions(results:dict, cfg:Config, path=None, n:int=3, device="cpu"):
     "Rows: `n` target val images; columns: image, ground truth, each stage's prediction. Saved to `path` when given."
     import matplotlib.pyplot as plt
-    from proda_nb.labels import colorize
+    from proda_nb.labels import colorize, label_set_train_ids
     val = build_datasets(cfg, uses_target=False)["val"]
     samples = [val[i] for i in range(min(n, len(val)))]
     images = torch.stack([s["image"] for s in samples]).to(device)
@@ -168,11 +170,12 @@ def plot_predictions(results:dict, cfg:Config, path=None, n:int=3, device="cpu")
         out = network_from_checkpoint(cfg.model, ck).to(device)(images).logits
         preds[s["name"]] = torch.nn.functional.interpolate(out, size=images.shape[-2:], mode="bilinear",
                                                            align_corners=False).argmax(1).cpu()
+    train_ids = lambda m: label_set_train_ids(m, cfg.data.label_set)     # the model's classes -> colours of train ids
     cols = 2 + len(preds)
     fig, axes = plt.subplots(len(samples), cols, figsize=(2.2 * cols, 1.3 * len(samples) + 0.4), squeeze=False)
     for r, s in enumerate(samples):
-        panels = [("image", s["image"].permute(1, 2, 0).clamp(0, 1).numpy()), ("ground truth", colorize(s["label"]))]
-        panels += [(stage_title(k).split(" (")[0], colorize(v[r])) for k, v in preds.items()]
+        panels = [("image", s["image"].permute(1, 2, 0).clamp(0, 1).numpy()), ("ground truth", colorize(train_ids(s["label"])))]
+        panels += [(stage_title(k).split(" (")[0], colorize(train_ids(v[r]))) for k, v in preds.items()]
         for ax, (title, img) in zip(axes[r], panels):
             ax.imshow(img, interpolation="nearest"); ax.set_axis_off()
             if r == 0: ax.set_title(title, fontsize=8)

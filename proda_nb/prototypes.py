@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['has_prototype', 'prototype_distances', 'prototype_weights', 'rectify_pseudo_labels', 'resize_labels',
-           'class_feature_sums', 'update_prototypes', 'update_prototypes_per_image', 'initial_prototypes']
+__all__ = ['RELEASE_STEPS', 'RELEASE_PROTOTYPE_UPDATES', 'has_prototype', 'prototype_distances', 'prototype_weights',
+           'rectify_pseudo_labels', 'resize_labels', 'class_feature_sums', 'update_prototypes',
+           'update_prototypes_per_image', 'fraction_travelled', 'matched_momentum', 'initial_prototypes']
 
 # %% ../nbs/09_prototypes.ipynb #ed74d16d
 import torch
@@ -161,6 +162,18 @@ def update_prototypes_per_image(prototypes:Tensor, features:Tensor, labels:Tenso
         step = torch.where(has_prototype(p)[:, None], momentum * p + (1 - momentum) * m, m)
         p = torch.where(here[:, None], step, p)
     return p.to(prototypes.dtype)
+
+# %% ../nbs/09_prototypes.ipynb #b23829df
+RELEASE_STEPS = 84 * 743                 # the release's stage-1 run: 84 epochs of 743 steps
+RELEASE_PROTOTYPE_UPDATES = 4 * RELEASE_STEPS   # one update per image, 4 images a step
+
+def fraction_travelled(momentum:float, updates:int) -> float:
+    "How far a moving average with `momentum` goes from its start towards a fixed target in `updates` updates: 1 - momentum^updates."
+    return 1.0 - momentum ** updates
+
+def matched_momentum(momentum:float, reference_updates:int, updates:int) -> float:
+    "The momentum that travels, in `updates` updates, the fraction `momentum` travels in `reference_updates`."
+    return momentum ** (reference_updates / updates)
 
 # %% ../nbs/09_prototypes.ipynb #24b57f5c
 @torch.no_grad()

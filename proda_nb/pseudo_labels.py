@@ -10,7 +10,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['STORE_MAGIC', 'STORE_FORMAT', 'CLASS_BITS', 'VALUE_BITS', 'VALUE_MAX', 'encode_soft_labels', 'decode_soft_labels',
            'peaky_softmax', 'checkpoint_id', 'StoreError', 'SoftLabelStore', 'build_soft_label_store',
-           'confidence_threshold_labels', 'cbst_thresholds', 'cbst_labels']
+           'confidence_threshold_labels', 'kept_count', 'confidence_histograms', 'cbst_thresholds', 'global_threshold',
+           'cbst_labels', 'labelled_shares']
 
 # %% ../nbs/08_pseudo_labels.ipynb #3e16f96d
 import numpy as np
@@ -187,36 +188,61 @@ def confidence_threshold_labels(probs:Tensor, threshold:float) -> Tensor:
     return labels.masked_fill(confidence < threshold, IGNORE_INDEX)
 
 # %% ../nbs/08_pseudo_labels.ipynb #0097a481
-def _kth_from_histogram(hist:np.ndarray, portion:float) -> float:
-    "Value (bin / VALUE_MAX) at 0-based position floor(portion * N) of the histogram's values sorted decreasingly."
-    n = int(hist.sum())
-    if n == 0: return math.inf
-    position = min(int(math.floor(portion * n)), n - 1)
-    from_top = np.cumsum(hist[::-1])                     # how many values are >= each bin, from the top bin down
-    return (len(hist) - 1 - int(np.searchsorted(from_top, position + 1))) / VALUE_MAX
-
-def cbst_thresholds(probs_or_store, portion:float, batch_size:int=256) -> Tensor:
-    "CBST's per-class thresholds k_c (K,): the confidence at position floor(portion * N_c) of class c's sorted confidences."
+def kept_count(n:int, portion:float) -> int:
+    "How many of `n` pixels a `portion` keeps: floor(portion * n)."
     if not 0 <= portion <= 1: raise ValueError(f"portion must be in [0, 1], got {portion}")
+    return int(math.floor(portion * n))
+
+def _kth_largest(values:Tensor, k:int) -> float:
+    "The k-th largest (1-based) of `values`; inf when k = 0 (keep none)."
+    return values.sort(descending=True).values[k - 1].item() if k > 0 else math.inf
+
+def _kth_largest_in_histogram(hist:np.ndarray, k:int) -> float:
+    "The k-th largest (1-based) of the values counted in `hist` (bin b holds the value b / VALUE_MAX); inf when k = 0."
+    if k == 0: return math.inf
+    from_top = np.cumsum(hist[::-1])                     # how many values are >= each bin, from the top bin down
+    return (len(hist) - 1 - int(np.searchsorted(from_top, k))) / VALUE_MAX
+
+def confidence_histograms(store:SoftLabelStore, batch_size:int=256) -> np.ndarray:
+    "(K, VALUE_MAX + 1): per predicted class, how many of the store's pixels have each stored confidence."
+    K = store.num_classes
+    hist = np.zeros((K, VALUE_MAX + 1), np.int64)
+    for start in range(0, len(store), batch_size):
+        top = store._codes(slice(start, start + batch_size))[:, 0].ravel().astype(np.int64)   # entry 0 = argmax
+        hist += np.bincount((top >> VALUE_BITS) * (VALUE_MAX + 1) + (top & VALUE_MAX),
+                            minlength=hist.size).reshape(hist.shape)
+    return hist
+
+# %% ../nbs/08_pseudo_labels.ipynb #c3b5e0a1
+def cbst_thresholds(probs_or_store, portion:float, batch_size:int=256) -> Tensor:
+    "CBST's per-class thresholds k_c (K,): the floor(portion * N_c)-th largest confidence of the N_c pixels predicted as c."
     if isinstance(probs_or_store, SoftLabelStore):
-        store, K = probs_or_store, probs_or_store.num_classes
-        hist = np.zeros((K, VALUE_MAX + 1), np.int64)
-        for start in range(0, len(store), batch_size):
-            top = store._codes(slice(start, start + batch_size))[:, 0].ravel().astype(np.int64)   # entry 0 = argmax
-            hist += np.bincount((top >> VALUE_BITS) * (VALUE_MAX + 1) + (top & VALUE_MAX),
-                                minlength=hist.size).reshape(hist.shape)
-        return torch.tensor([_kth_from_histogram(h, portion) for h in hist], dtype=torch.float32)
-    probs = probs_or_store
-    confidence, pred = probs.max(1)
-    confidence, pred = confidence.ravel(), pred.ravel()
-    thresholds = torch.full((probs.shape[1],), math.inf)
-    for c in range(probs.shape[1]):
-        values = confidence[pred == c].sort(descending=True).values
-        if len(values): thresholds[c] = values[min(int(math.floor(portion * len(values))), len(values) - 1)]
-    return thresholds
+        hist = confidence_histograms(probs_or_store, batch_size)
+        return torch.tensor([_kth_largest_in_histogram(h, kept_count(int(h.sum()), portion)) for h in hist])
+    confidence, pred = (t.ravel() for t in probs_or_store.max(1))
+    per_class = [confidence[pred == c] for c in range(probs_or_store.shape[1])]
+    return torch.tensor([_kth_largest(v, kept_count(len(v), portion)) for v in per_class])
+
+def global_threshold(probs_or_store, portion:float, batch_size:int=256) -> float:
+    "Plain self-training's threshold: the floor(portion * N)-th largest confidence of all N pixels."
+    if isinstance(probs_or_store, SoftLabelStore):
+        hist = confidence_histograms(probs_or_store, batch_size).sum(0)
+        return _kth_largest_in_histogram(hist, kept_count(int(hist.sum()), portion))
+    confidence = probs_or_store.max(1).values.ravel()
+    return _kth_largest(confidence, kept_count(len(confidence), portion))
 
 def cbst_labels(probs:Tensor, thresholds:Tensor) -> Tensor:
     "CBST hard labels (B,h,w): argmax_c p_c / k_c, kept where that ratio is >= 1, IGNORE_INDEX elsewhere."
     ratio = probs / thresholds.to(probs).view(1, -1, 1, 1)
     best, labels = ratio.max(1)
     return labels.masked_fill(best < 1, IGNORE_INDEX)
+
+# %% ../nbs/08_pseudo_labels.ipynb #13d89730
+def labelled_shares(probs:Tensor, threshold:float=0.9, portion:float=0.2) -> Tensor:
+    "(K, 2): per class, the share of its predicted pixels that a global `threshold` keeps, and that CBST at `portion` keeps."
+    pred = probs.max(1).indices
+    kept = [confidence_threshold_labels(probs, threshold), cbst_labels(probs, cbst_thresholds(probs, portion))]
+    K = probs.shape[1]
+    counts = torch.bincount(pred.ravel(), minlength=K).float()
+    shares = [torch.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=K).float() / counts.clamp_min(1) for labels in kept]
+    return torch.stack(shares, 1)

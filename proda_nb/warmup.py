@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 # %% auto #0
 __all__ = ['DISCRIMINATORS', 'SOURCE_LABEL', 'TARGET_LABEL', 'AUX_LAYERS', 'ReleaseDiscriminator', 'AdaptSegNetDiscriminator',
            'build_discriminator', 'gan_loss', 'discriminator_loss', 'adversarial_loss', 'AuxiliaryHead', 'WarmupConfig',
-           'Warmup']
+           'Warmup', 'adversarial_share']
 
 # %% ../nbs/07_warmup.ipynb #4a05f622
 import torch
@@ -255,3 +255,9 @@ def load_state_dict(self:Warmup, state:dict):
     if self.aux is not None:
         self.aux.load_state_dict(state["aux_head"]); self.aux_discriminator.load_state_dict(state["aux_discriminator"])
         self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+
+# %% ../nbs/07_warmup.ipynb #653687c3
+def adversarial_share(lambda_adv:float, ce_gradient:Tensor, adv_gradient:Tensor) -> float:
+    "|lambda_adv g_adv| / |g_ce + lambda_adv g_adv|: the adversary's share of the segmenter's update."
+    adv = lambda_adv * adv_gradient
+    return (adv.norm() / (ce_gradient + adv).norm().clamp_min(1e-30)).item()

@@ -164,3 +164,21 @@ def test_accumulation_is_the_global_batch_split_in_two(tmp_path):
         tiny_trainer(tiny_config(tmp_path / "x", **{"optim.batch_size": 6, "optim.accum_steps": 4}))
 
 
+
+
+def test_hooks_are_called_in_order_once_per_step(tmp_path):
+    "before_step(i) runs once per optimizer step before its forward passes, outside autocast; after_step(i + 1) after it."
+    calls = []
+    class Recording(SourceOnly):
+        def before_step(self, iteration):
+            calls.append(("before", iteration, self.trainer.iteration, torch.is_autocast_enabled()))
+        def compute_loss(self, batch):
+            calls.append(("loss", self.trainer.iteration))
+            return super().compute_loss(batch)
+        def after_step(self, iteration):
+            calls.append(("after", iteration))
+    tr = tiny_trainer(tiny_config(tmp_path / "hooks", **{"schedule.iters": 3, "optim.accum_steps": 2}), stage=Recording())
+    tr.fit()
+    expected = []
+    for i in range(3): expected += [("before", i, i, False), ("loss", i), ("loss", i), ("after", i + 1)]
+    assert calls == expected

@@ -139,19 +139,20 @@ def test_write_is_atomic(tmp_path, probs):
 
 
 def cbst_reference(probs, portion):
-    "CBST written directly in numpy: per class, sort the confidences of its predicted pixels decreasingly."
+    "CBST written directly in numpy: per class, sort the confidences of its predicted pixels decreasingly, take the n-th, n = floor(p N_c)."
     p = probs.numpy().transpose(1, 0, 2, 3).reshape(probs.shape[1], -1)
     conf, pred = p.max(0), p.argmax(0)
     k = np.full(p.shape[0], np.inf)
     for c in range(p.shape[0]):
         v = np.sort(conf[pred == c])[::-1]
-        if len(v): k[c] = v[min(int(math.floor(portion * len(v))), len(v) - 1)]
+        n = int(math.floor(portion * len(v)))
+        if n: k[c] = v[n - 1]
     ratio = p / k[:, None]
     labels = np.where(ratio.max(0) >= 1, ratio.argmax(0), IGNORE_INDEX)
     return k, labels.reshape(probs.shape[0], *probs.shape[2:])
 
 
-@pytest.mark.parametrize("portion", [0.0, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("portion", [0.0, 0.2, 0.5, 0.9, 1.0])
 def test_cbst_against_numpy(probs, store, portion):
     k_ref, labels_ref = cbst_reference(probs, portion)
     k = cbst_thresholds(probs, portion)
@@ -169,7 +170,7 @@ def test_cbst_balances_classes():
     probs = torch.stack([p0, 1 - p0]).view(1, 2, 1, 8)
     assert (confidence_threshold_labels(probs, 0.9) == 1).sum() == 0
     labels = cbst_labels(probs, cbst_thresholds(probs, 0.5))
-    assert (labels == 1).sum() == 3 and (labels == 0).sum() == 3     # floor(0.5 * 4) + 1 of each class
+    assert (labels == 1).sum() == 2 and (labels == 0).sum() == 2     # floor(0.5 * 4) of each class
 
 
 def test_pickles_as_a_reference(store):

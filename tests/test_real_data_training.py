@@ -116,3 +116,19 @@ def test_real_recipe_chain_on_fixture_folders(tmp_path):
     assert len(stores) == 1
     ck = json.loads((out / "stage1" / "config.json").read_text())
     assert ck["stage1"]["init"] == str(out / "warmup" / "checkpoint.pt") and ck["data"]["target"] == "cityscapes"
+
+
+def test_synthia16_chain_draws_its_pictures(tmp_path):
+    "A 16-class model's run draws its per-class bars (16 classes, by name) and prediction maps (in train-id colours)."
+    from PIL import Image as PILImage
+    make_root(tmp_path / "data", "synthia")
+    out = tmp_path / "s16"
+    cli("--config", "synthia_to_cityscapes", "--data-root", str(tmp_path / "data"), "--out", str(out),
+        "--run.pipeline", "source_only", "--schedule.iters", "2", "--model.name", "synthcity_net", "--model.layout", "torchvision",
+        "--data.crop", "64,32", "--data.long_side", "64", "--data.num_workers", "0", "--optim.batch_size", "2",
+        "--optim.head_lr_mult", "1", "--schedule.poly_iters", "0", "--run.progress", "false", "--run.tensorboard", "false",
+        "--run.device", "cpu", "--run.ckpt_every", "0")
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["stages"][0]["iou"]) == 16
+    for name in ("per_class_iou.png", "predictions.png"):
+        assert PILImage.open(out / name).size[0] > 100, name

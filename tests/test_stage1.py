@@ -46,6 +46,7 @@ def tiny(tmp_path_factory, init_ckpt):
 
 def _loss(tr, batch, **settings):
     st = tr.stage
+    settings = {"source_backward": "joint", **settings}          # the loss returned holds every term
     st.settings, protos = dataclasses.replace(st.settings, **settings), st.prototypes.clone()
     torch.manual_seed(123)
     try: return st.compute_loss(batch)

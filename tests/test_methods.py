@@ -1,0 +1,30 @@
+"""The methods table: rows run in their own processes from the seed's shared source-only model, methods.json's schema,
+the cost ratio measured against source-only, finished rows skipped on a second run."""
+import json, sys
+
+from conftest import run_cli
+
+TINY = ["--set", "schedule.iters=4", "--set", "warmup.iters=3", "--set", "optim.batch_size=4", "--set", "data.synthcity_n=16",
+        "--set", "data.max_val=4", "--set", "run.tensorboard=false", "--set", "run.log_every=2"]
+
+
+def test_methods_table_runs_skips_and_reports(tmp_path):
+    out = tmp_path / "methods"
+    args = ["--out", out, "--seeds", "0", "1", "--rows", "adabn,adaptsegnet", *TINY]
+    r = run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    res = json.loads((out / "methods.json").read_text())
+    assert set(res) == {"benchmark", "seeds", "rows"} and res["seeds"] == [0, 1]
+    assert [row["name"] for row in res["rows"]] == ["source_only", "adabn", "adaptsegnet"]    # source-only: always, first
+    for row in res["rows"]:
+        assert {"name", "miou_mean", "miou_std", "per_seed", "step_seconds_ratio", "peak_rss_mb"} <= set(row)
+        assert set(row["per_seed"]) == {"0", "1"} and row["peak_rss_mb"] > 0
+    src, ada, adv = res["rows"]
+    assert src["step_seconds_ratio"] == 1.0 and ada["step_seconds_ratio"] is None       # AdaBN trains no step
+    assert adv["step_seconds_ratio"] > 1.0                    # a warm-up step: two passes and a discriminator
+    assert adv["published"][1] == 42.4 and "AdaptSegNet" in r.stdout
+    # the adapted rows started from the seed's source-only model
+    ck = json.loads((out / "seed0" / "adaptsegnet" / "warmup" / "config.json").read_text())
+    assert ck["warmup"]["init"] == str(out / "seed0" / "source_only" / "source_only" / "checkpoint.pt")
+    before = {p: p.stat().st_mtime for p in out.rglob("row.json")}
+    run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))                         # everything finished: skipped
+    assert {p: p.stat().st_mtime for p in out.rglob("row.json")} == before
