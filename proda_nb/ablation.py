@@ -22,7 +22,7 @@ from .data import dataset_from_config
 from .models import adapt_batchnorm, network_from_checkpoint
 from .pipeline import run_pipeline, stage_config
 
-# %% ../nbs/16_ablation.ipynb #b483b770
+# %% ../nbs/16_ablation.ipynb #6de6dd8e
 class AblationRow(NamedTuple):
     "One row: trained as `stage` from `parent`'s checkpoint with `options` (the stage's fields), or computed by `run`."
     name: str
@@ -53,7 +53,7 @@ ROWS = [
                 dict(student_init="supervised")),
     AblationRow("stage2_ssl_init", "stage 2: distillation, self-supervised init", 56.9, "stage2", "st_sce_pd_sl",
                 dict(student_init="simclr")),
-    AblationRow("stage3", "stage 3", 57.5, "stage3", "stage2_ssl_init"),
+    AblationRow("stage3", "stage 3", 57.5, "stage3", "stage2_stage1_init"),
     AblationRow("oracle", "oracle (target labels)", None, run="oracle"),
 ]
 "The table's rows, in order. A None option keeps the preset's value (structure learning: gamma1, gamma2 as preset)."

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 # %% auto #0
-__all__ = ['BN_STATS', 'CHOICES', 'Stage1Config', 'check_stage1_settings', 'prepare_offline_labels', 'checkpoint_prototypes',
-           'Stage1']
+__all__ = ['BN_STATS', 'CHOICES', 'SYNTHCITY_STAGE1_ITERS', 'SYNTHCITY_TIME_CONSTANTS', 'Stage1Config', 'check_stage1_settings',
+           'prepare_offline_labels', 'checkpoint_prototypes', 'Stage1']
 
 # %% ../nbs/12_stage1.ipynb #59e7d058
 import torch
@@ -28,7 +28,8 @@ from .consistency import (weak_view, strong_view, warp, compose, prototype_kl, e
                                   create_ema_model, ema_update, ema_pairs)
 from .sce import symmetric_cross_entropy
 from .prototypes import (prototype_weights, rectify_pseudo_labels, update_prototypes, update_prototypes_per_image,
-                                 initial_prototypes, has_prototype)
+                                 initial_prototypes, has_prototype, matched_momentum, RELEASE_STEPS,
+                                 RELEASE_PROTOTYPE_UPDATES)
 from .pseudo_labels import SoftLabelStore, StoreError, build_soft_label_store, checkpoint_id
 
 # %% ../nbs/12_stage1.ipynb #de9ac6da
@@ -95,9 +96,16 @@ def checkpoint_prototypes(obj):
     return state.get("prototypes", obj.get("prototypes"))
 
 # %% ../nbs/12_stage1.ipynb #fb263224
+SYNTHCITY_STAGE1_ITERS = 250            # about a minute and a half on two cores
+SYNTHCITY_TIME_CONSTANTS = dict(         # the release's momenta, matched to SynthCity's stage length (notebooks 09, 11)
+    proto_momentum=round(matched_momentum(0.9999, RELEASE_PROTOTYPE_UPDATES, SYNTHCITY_STAGE1_ITERS), 4),   # 0.905
+    ema_momentum=round(matched_momentum(0.999, RELEASE_STEPS, SYNTHCITY_STAGE1_ITERS), 4))                   # 0.779
+
 @register_stage("stage1", settings=Stage1Config, init="required", title="stage 1 (denoising + structure)",
                 paper=PaperResult("ProDA stage 1: denoising + structure learning", 53.7),
-                presets={"synthcity": dict(iters=250, lr=0.02, weak_crop=(96, 48)),     # about a minute on two cores
+                presets={"synthcity": dict(iters=SYNTHCITY_STAGE1_ITERS, lr=0.02, weak_crop=(96, 48), init_adabn=False,
+                                           kl_per_class=True, **SYNTHCITY_TIME_CONSTANTS),
+                         "synthcity_v1": dict(init_adabn=True, kl_per_class=False, proto_momentum=0.9999, ema_momentum=0.999),
                          "gta5_to_cityscapes": dict(init_adabn=False, weak_crop=(896, 512), weak_scale=(0.5, 1.5), lr=1e-4,
                                                     head_lr_mult=1.0, kl_per_class=True, proto_update="image", bn_stats="all"),
                          "synthia_to_cityscapes": dict(gamma2=0.0)})                  # the release's SYNTHIA command
