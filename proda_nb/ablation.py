@@ -9,8 +9,9 @@ from typing import NamedTuple
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ST', 'ROWS', 'ROW', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors',
-           'run_ablation', 'collect_ablation', 'ablation_table', 'target_feature_sample', 'plot_feature_space', 'main']
+__all__ = ['ST', 'ROWS', 'ROW', 'RUN_FIELDS', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row',
+           'ancestors', 'check_root_config', 'run_ablation', 'collect_ablation', 'ablation_table',
+           'target_feature_sample', 'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -59,7 +60,7 @@ ROWS = [
 "The table's rows, in order. A None option keeps the preset's value (structure learning: gamma1, gamma2 as preset)."
 ROW = {r.name: r for r in ROWS}
 
-# %% ../nbs/16_ablation.ipynb #67b86d1a
+# %% ../nbs/16_ablation.ipynb #4226d33c
 def row_config(base:Config, root, seed:int, row:AblationRow) -> Config:
     "The configuration of `row` for `seed` under `root`: its stage, folder, init (its parent's checkpoint) and options."
     seed_root = Path(root) / f"seed{seed}"
@@ -113,9 +114,31 @@ def ancestors(name:str) -> list[str]:
     while row.parent: out.append(row.parent); row = ROW[row.parent]
     return out
 
+RUN_FIELDS = ("out", "seed", "progress", "tensorboard", "threads", "log_every")
+"Run settings that may differ between the invocations that fill one root (where, which seed, how it prints)."
+
+def check_root_config(root, base:Config, name:str="runs.json") -> dict:
+    """The configuration the runs under `root` were made with, written to `root/name` by the first invocation; a
+    later one with other settings is refused (its finished rows would be mixed with runs of another benchmark)."""
+    from proda_nb.engine import config_to_dict
+    own = json.loads(json.dumps(config_to_dict(base)))                 # as the file holds it: tuples become lists
+    own["run"] = {k: v for k, v in own["run"].items() if k not in RUN_FIELDS}
+    path = Path(root) / name
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(f"{sec}.{k}" for sec in set(saved) | set(own) if isinstance(own.get(sec, saved.get(sec)), dict)
+                      for k in set(saved.get(sec, {})) | set(own.get(sec, {}))
+                      if saved.get(sec, {}).get(k) != own.get(sec, {}).get(k))
+        if diff: raise ValueError(f"{path}: the runs under {root} were made with other settings ({', '.join(diff[:5])}"
+                                  f"{' ...' if len(diff) > 5 else ''}); choose another --out")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(own, indent=1))
+    return own
+
 def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, rows=None, log=print) -> dict:
     "Train every missing row of every seed under `root` (parents first); write and return `ablation.json`'s dict."
     base = base or get_config("synthcity")
+    check_root_config(root, base)
     wanted = set(rows or ROW)
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:

@@ -31,6 +31,7 @@ from .prototypes import (prototype_weights, rectify_pseudo_labels, update_protot
                                  initial_prototypes, has_prototype, matched_momentum, RELEASE_STEPS,
                                  RELEASE_PROTOTYPE_UPDATES)
 from .pseudo_labels import SoftLabelStore, StoreError, build_soft_label_store, checkpoint_id
+from .labels import IGNORE_INDEX
 
 # %% ../nbs/12_stage1.ipynb #de9ac6da
 @dataclass
@@ -55,6 +56,7 @@ class Stage1Config(StageConfig):
     proto_update: str = "batch"        # batch (one step towards the batch's class means) | image (one step per image: the release)
     init_prototypes: str = "compute"   # compute (from the init model) | checkpoint (the init file's: a release file's objective_vectors)
     source_backward: str = "early"     # early (source CE back-propagated before the target passes: the release) | joint
+    grade: bool = False                # log the labels' accuracy against the target's own labels and the prototypes' travel (never in the loss)
 
 BN_STATS = ("target", "all")
 CHOICES = {"bn_stats": BN_STATS, "proto_update": ("batch", "image"), "init_prototypes": ("compute", "checkpoint"),
@@ -138,6 +140,8 @@ class Stage1(Stage):
         if not self.uses_prototypes: self.prototypes = None
         elif getattr(self, "init_prototypes", None) is not None: self.prototypes = self.init_prototypes.float().to(env.device)
         else: self.prototypes = initial_prototypes(model, target, device=env.device, distributed=env.distributed)
+        self.start_prototypes = None if self.prototypes is None else self.prototypes.clone()
+        self.diagnostics = {}
         self.ema_model = create_ema_model(model)
         self.ema_model.train()               # as the release: batch statistics of the full target batch
         self.index_models()
@@ -186,6 +190,7 @@ def loss_terms(self:Stage1, batch:dict) -> dict:
     terms = {"source_ce": source_ce.detach() if early else source_ce}
     images = tgt["image"]
     t_feats, t_logits, labels = self.teacher_labels(images, tgt["index"])
+    self.diagnostics = self.grades(tgt, t_feats, labels) if s.grade else {}
     if self.uses_prototypes:                           # computed here, while the teacher's maps are still in cache
         update = update_prototypes_per_image if s.proto_update == "image" else update_prototypes
         new_prototypes = update(self.prototypes, t_feats, t_logits.max(1).indices, s.proto_momentum,
@@ -212,7 +217,7 @@ def compute_loss(self:Stage1, batch):
     s, t = self.settings, self.loss_terms(batch)
     loss = t["target"] + s.gamma1 * t["kl"] + s.gamma2 * t["reg"]
     if s.source_backward == "joint": loss = loss + t["source_ce"]   # "early": already back-propagated
-    return loss, {f"loss_{k}": v.detach() for k, v in t.items()}
+    return loss, {**{f"loss_{k}": v.detach() for k, v in t.items()}, **self.diagnostics}
 
 # %% ../nbs/12_stage1.ipynb #a1f1ed34
 @patch
@@ -221,7 +226,8 @@ def after_step(self:Stage1, iteration:int):
 
 @patch
 def state_dict(self:Stage1) -> dict:
-    return {"settings": asdict(self.settings), "ema_model": self.ema_model.state_dict(), "prototypes": self.prototypes}
+    return {"settings": asdict(self.settings), "ema_model": self.ema_model.state_dict(), "prototypes": self.prototypes,
+            "start_prototypes": self.start_prototypes}
 
 @patch
 def load_state_dict(self:Stage1, state:dict):
@@ -229,3 +235,27 @@ def load_state_dict(self:Stage1, state:dict):
                           ("denoise", "sce", "gamma1", "gamma2", "init_adabn", "bn_stats"), "stage 1")
     if state.get("ema_model") is not None: self.ema_model.load_state_dict(state["ema_model"])
     if state.get("prototypes") is not None: self.prototypes = state["prototypes"].to(self.trainer.env.device)
+    if state.get("start_prototypes") is not None: self.start_prototypes = state["start_prototypes"].to(self.trainer.env.device)
+
+# %% ../nbs/12_stage1.ipynb #12a0g002
+@patch
+@torch.no_grad()
+def grades(self:Stage1, target:dict, t_feats:Tensor, labels:Tensor) -> dict:
+    "Diagnostics for `grade`: the offline and rectified labels' accuracy against `target`'s own labels, the share relabelled, the prototypes' travel."
+    out, truth = {}, target.get("label")
+    if truth is not None:
+        t = F.interpolate(truth[:, None].float(), size=labels.shape[-2:], mode="nearest")[:, 0].long()
+        ok = t != IGNORE_INDEX
+        if ok.any():
+            soft = _resize_probs(self.store.get(torch.as_tensor(target["index"]).cpu(), device=labels.device), labels.shape[-2:])
+            offline = soft.max(1).indices
+            out["label_acc_offline"] = (offline == t)[ok].float().mean()
+            if self.prototypes is not None:
+                rectified = labels if self.settings.denoise else \
+                    rectify_pseudo_labels(soft, prototype_weights(t_feats, self.prototypes, self.settings.tau))
+                out["label_acc_rectified"] = (rectified == t)[ok].float().mean()
+                out["label_changed"] = (rectified != offline).float().mean()
+    if self.prototypes is not None and self.start_prototypes is not None:
+        both = has_prototype(self.prototypes) & has_prototype(self.start_prototypes)
+        out["prototype_shift"] = (self.prototypes[both] - self.start_prototypes[both]).norm(dim=1).mean()
+    return out
