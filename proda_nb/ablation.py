@@ -9,8 +9,8 @@ from typing import NamedTuple
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ST', 'ROWS', 'ROW', 'RUN_FIELDS', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row',
-           'ancestors', 'check_root_config', 'run_ablation', 'collect_ablation', 'ablation_table',
+__all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'ROW', 'RUN_FIELDS', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics',
+           'run_row', 'ancestors', 'check_root_config', 'run_ablation', 'collect_ablation', 'ablation_table',
            'target_feature_sample', 'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
@@ -23,7 +23,7 @@ from .data import dataset_from_config
 from .models import adapt_batchnorm, network_from_checkpoint
 from .pipeline import run_pipeline, stage_config
 
-# %% ../nbs/16_ablation.ipynb #6de6dd8e
+# %% ../nbs/16_ablation.ipynb #5cfdf368
 class AblationRow(NamedTuple):
     "One row: trained as `stage` from `parent`'s checkpoint with `options` (the stage's fields), or computed by `run`."
     name: str
@@ -58,9 +58,16 @@ ROWS = [
     AblationRow("oracle", "oracle (target labels)", None, run="oracle"),
 ]
 "The table's rows, in order. A None option keeps the preset's value (structure learning: gamma1, gamma2 as preset)."
-ROW = {r.name: r for r in ROWS}
+DEVIATION_ROWS = [
+    AblationRow("st_sce_pd_release_momenta", "  + denoising, the release's momenta unmatched (0.9999, 0.999)", None,
+                "stage1", "warmup", {**ST, "sce": True, "denoise": True, "proto_momentum": 0.9999, "ema_momentum": 0.999}),
+    AblationRow("st_sce_pd_sl_kl_sum", "  stage 1 with the KL summed over classes (gamma1 = 10 weighs K times more)", None,
+                "stage1", "warmup", {"kl_per_class": False}),
+]
+"Controls for SynthCity's deviations from the paper (not rows of its table): each sets one setting of a row back."
+ROW = {r.name: r for r in ROWS + DEVIATION_ROWS}
 
-# %% ../nbs/16_ablation.ipynb #4226d33c
+# %% ../nbs/16_ablation.ipynb #6856f0b8
 def row_config(base:Config, root, seed:int, row:AblationRow) -> Config:
     "The configuration of `row` for `seed` under `root`: its stage, folder, init (its parent's checkpoint) and options."
     seed_root = Path(root) / f"seed{seed}"
@@ -139,31 +146,31 @@ def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, r
     "Train every missing row of every seed under `root` (parents first); write and return `ablation.json`'s dict."
     base = base or get_config("synthcity")
     check_root_config(root, base)
-    wanted = set(rows or ROW)
+    wanted = set(rows or [r.name for r in ROWS])
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:
         t0 = time.time()
-        for row in ROWS:                                               # the table's order: parents before children
+        for row in ROWS + DEVIATION_ROWS:                              # the table's order: parents before children
             if row.name in wanted: run_row(base, root, seed, row)
         if log: log(f"seed {seed}: {time.time() - t0:.0f} s")
     results = collect_ablation(root, seeds)
     Path(root, "ablation.json").write_text(json.dumps(results, indent=1))
     return results
 
-# %% ../nbs/16_ablation.ipynb #3e52e2aa
-def collect_ablation(root="runs/ablation", seeds=None) -> dict:
-    "`ablation.json`'s dict from the finished runs under `root` (every seed folder found, or `seeds`)."
+# %% ../nbs/16_ablation.ipynb #ba9edab2
+def collect_ablation(root="runs/ablation", seeds=None, rows=None) -> dict:
+    "`ablation.json`'s dict from the finished runs under `root` (every seed folder found, or `seeds`) of `rows` (the table's)."
     root = Path(root)
     seeds = seeds if seeds is not None else sorted(int(p.name[4:]) for p in root.glob("seed*") if p.name[4:].isdigit())
-    rows = []
-    for row in ROWS:
+    out = []
+    for row in rows or ROWS:
         per_seed = {str(s): json.loads((root / f"seed{s}" / row.name / "metrics.json").read_text())["miou"]
                     for s in seeds if _finished(root / f"seed{s}" / row.name)}
         if not per_seed: continue
         values = list(per_seed.values())
-        rows.append({"name": row.name, "miou_mean": statistics.mean(values),
-                     "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": per_seed})
-    return {"benchmark": "synthcity", "seeds": list(seeds), "rows": rows}
+        out.append({"name": row.name, "miou_mean": statistics.mean(values),
+                    "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": per_seed})
+    return {"benchmark": "synthcity", "seeds": list(seeds), "rows": out}
 
 def ablation_table(results:dict):
     "A pandas DataFrame: per row its mean, std, seeds, the step from the row before, and the paper's number."
@@ -177,7 +184,7 @@ def ablation_table(results:dict):
         prev = r["miou_mean"]
     return pd.DataFrame(lines).set_index("row").round(1)
 
-# %% ../nbs/16_ablation.ipynb #b668aeff
+# %% ../nbs/16_ablation.ipynb #4b403063
 @torch.no_grad()
 def target_feature_sample(model, dataset, n_pixels:int=3000, seed:int=0, ignore_index:int=255) -> tuple:
     "Features (N, D) and true classes (N,) of `n_pixels` random labelled pixels (at feature resolution) of `dataset`."
@@ -210,7 +217,7 @@ def plot_feature_space(checkpoints:dict, cfg:Config, dataset, n_pixels:int=2000,
     fig.tight_layout()
     return fig
 
-# %% ../nbs/16_ablation.ipynb #dd6ccd1f
+# %% ../nbs/16_ablation.ipynb #c363213a
 def main(argv=None):
     "`python -m proda_nb.ablation`: train the missing runs of the ablation and print its table."
     p = argparse.ArgumentParser(prog="python -m proda_nb.ablation", description=__doc__)
@@ -225,5 +232,5 @@ def main(argv=None):
     print(f"-> {Path(args.out) / 'ablation.json'}")
     return 0
 
-# %% ../nbs/16_ablation.ipynb #ff9c822c
+# %% ../nbs/16_ablation.ipynb #97565e1f
 if __name__ == "__main__" and "__file__" in globals(): raise SystemExit(main())
