@@ -126,16 +126,16 @@ RUN_FIELDS = ("out", "seed", "progress", "tensorboard", "threads", "log_every")
 
 def check_root_config(root, base:Config, name:str="runs.json") -> dict:
     """The configuration the runs under `root` were made with, written to `root/name` by the first invocation; a
-    later one with other settings is refused (its finished rows would be mixed with runs of another benchmark)."""
+    later one with other settings is refused (its finished rows would be mixed with runs of another benchmark).
+    A section or field on one side only (a stage or option added since) is not a difference: the runs never used it."""
     from proda_nb.engine import config_to_dict
     own = json.loads(json.dumps(config_to_dict(base)))                 # as the file holds it: tuples become lists
     own["run"] = {k: v for k, v in own["run"].items() if k not in RUN_FIELDS}
     path = Path(root) / name
     if path.is_file():
         saved = json.loads(path.read_text())
-        diff = sorted(f"{sec}.{k}" for sec in set(saved) | set(own) if isinstance(own.get(sec, saved.get(sec)), dict)
-                      for k in set(saved.get(sec, {})) | set(own.get(sec, {}))
-                      if saved.get(sec, {}).get(k) != own.get(sec, {}).get(k))
+        both = [s for s in set(saved) & set(own) if isinstance(own[s], dict) and isinstance(saved[s], dict)]
+        diff = sorted(f"{s}.{k}" for s in both for k in set(saved[s]) & set(own[s]) if saved[s][k] != own[s][k])
         if diff: raise ValueError(f"{path}: the runs under {root} were made with other settings ({', '.join(diff[:5])}"
                                   f"{' ...' if len(diff) > 5 else ''}); choose another --out")
     else:
