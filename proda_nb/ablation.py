@@ -9,8 +9,9 @@ from typing import NamedTuple
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ST', 'ROWS', 'ROW', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors',
-           'run_ablation', 'collect_ablation', 'ablation_table', 'target_feature_sample', 'plot_feature_space', 'main']
+__all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'ROW', 'RUN_FIELDS', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics',
+           'run_row', 'ancestors', 'check_root_config', 'run_ablation', 'collect_ablation', 'ablation_table',
+           'target_feature_sample', 'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -22,7 +23,7 @@ from .data import dataset_from_config
 from .models import adapt_batchnorm, network_from_checkpoint
 from .pipeline import run_pipeline, stage_config
 
-# %% ../nbs/16_ablation.ipynb #b483b770
+# %% ../nbs/16_ablation.ipynb #5cfdf368
 class AblationRow(NamedTuple):
     "One row: trained as `stage` from `parent`'s checkpoint with `options` (the stage's fields), or computed by `run`."
     name: str
@@ -53,13 +54,20 @@ ROWS = [
                 dict(student_init="supervised")),
     AblationRow("stage2_ssl_init", "stage 2: distillation, self-supervised init", 56.9, "stage2", "st_sce_pd_sl",
                 dict(student_init="simclr")),
-    AblationRow("stage3", "stage 3", 57.5, "stage3", "stage2_ssl_init"),
+    AblationRow("stage3", "stage 3", 57.5, "stage3", "stage2_stage1_init"),
     AblationRow("oracle", "oracle (target labels)", None, run="oracle"),
 ]
 "The table's rows, in order. A None option keeps the preset's value (structure learning: gamma1, gamma2 as preset)."
-ROW = {r.name: r for r in ROWS}
+DEVIATION_ROWS = [
+    AblationRow("st_sce_pd_release_momenta", "  + denoising, the release's momenta unmatched (0.9999, 0.999)", None,
+                "stage1", "warmup", {**ST, "sce": True, "denoise": True, "proto_momentum": 0.9999, "ema_momentum": 0.999}),
+    AblationRow("st_sce_pd_sl_kl_sum", "  stage 1 with the KL summed over classes (gamma1 = 10 weighs K times more)", None,
+                "stage1", "warmup", {"kl_per_class": False}),
+]
+"Controls for SynthCity's deviations from the paper (not rows of its table): each sets one setting of a row back."
+ROW = {r.name: r for r in ROWS + DEVIATION_ROWS}
 
-# %% ../nbs/16_ablation.ipynb #67b86d1a
+# %% ../nbs/16_ablation.ipynb #6856f0b8
 def row_config(base:Config, root, seed:int, row:AblationRow) -> Config:
     "The configuration of `row` for `seed` under `root`: its stage, folder, init (its parent's checkpoint) and options."
     seed_root = Path(root) / f"seed{seed}"
@@ -113,34 +121,56 @@ def ancestors(name:str) -> list[str]:
     while row.parent: out.append(row.parent); row = ROW[row.parent]
     return out
 
+RUN_FIELDS = ("out", "seed", "progress", "tensorboard", "threads", "log_every")
+"Run settings that may differ between the invocations that fill one root (where, which seed, how it prints)."
+
+def check_root_config(root, base:Config, name:str="runs.json") -> dict:
+    """The configuration the runs under `root` were made with, written to `root/name` by the first invocation; a
+    later one with other settings is refused (its finished rows would be mixed with runs of another benchmark).
+    A section or field on one side only (a stage or option added since) is not a difference: the runs never used it."""
+    from proda_nb.engine import config_to_dict
+    own = json.loads(json.dumps(config_to_dict(base)))                 # as the file holds it: tuples become lists
+    own["run"] = {k: v for k, v in own["run"].items() if k not in RUN_FIELDS}
+    path = Path(root) / name
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        both = [s for s in set(saved) & set(own) if isinstance(own[s], dict) and isinstance(saved[s], dict)]
+        diff = sorted(f"{s}.{k}" for s in both for k in set(saved[s]) & set(own[s]) if saved[s][k] != own[s][k])
+        if diff: raise ValueError(f"{path}: the runs under {root} were made with other settings ({', '.join(diff[:5])}"
+                                  f"{' ...' if len(diff) > 5 else ''}); choose another --out")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(own, indent=1))
+    return own
+
 def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, rows=None, log=print) -> dict:
     "Train every missing row of every seed under `root` (parents first); write and return `ablation.json`'s dict."
     base = base or get_config("synthcity")
-    wanted = set(rows or ROW)
+    check_root_config(root, base)
+    wanted = set(rows or [r.name for r in ROWS])
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:
         t0 = time.time()
-        for row in ROWS:                                               # the table's order: parents before children
+        for row in ROWS + DEVIATION_ROWS:                              # the table's order: parents before children
             if row.name in wanted: run_row(base, root, seed, row)
         if log: log(f"seed {seed}: {time.time() - t0:.0f} s")
     results = collect_ablation(root, seeds)
     Path(root, "ablation.json").write_text(json.dumps(results, indent=1))
     return results
 
-# %% ../nbs/16_ablation.ipynb #3e52e2aa
-def collect_ablation(root="runs/ablation", seeds=None) -> dict:
-    "`ablation.json`'s dict from the finished runs under `root` (every seed folder found, or `seeds`)."
+# %% ../nbs/16_ablation.ipynb #ba9edab2
+def collect_ablation(root="runs/ablation", seeds=None, rows=None) -> dict:
+    "`ablation.json`'s dict from the finished runs under `root` (every seed folder found, or `seeds`) of `rows` (the table's)."
     root = Path(root)
     seeds = seeds if seeds is not None else sorted(int(p.name[4:]) for p in root.glob("seed*") if p.name[4:].isdigit())
-    rows = []
-    for row in ROWS:
+    out = []
+    for row in rows or ROWS:
         per_seed = {str(s): json.loads((root / f"seed{s}" / row.name / "metrics.json").read_text())["miou"]
                     for s in seeds if _finished(root / f"seed{s}" / row.name)}
         if not per_seed: continue
         values = list(per_seed.values())
-        rows.append({"name": row.name, "miou_mean": statistics.mean(values),
-                     "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": per_seed})
-    return {"benchmark": "synthcity", "seeds": list(seeds), "rows": rows}
+        out.append({"name": row.name, "miou_mean": statistics.mean(values),
+                    "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": per_seed})
+    return {"benchmark": "synthcity", "seeds": list(seeds), "rows": out}
 
 def ablation_table(results:dict):
     "A pandas DataFrame: per row its mean, std, seeds, the step from the row before, and the paper's number."
@@ -154,7 +184,7 @@ def ablation_table(results:dict):
         prev = r["miou_mean"]
     return pd.DataFrame(lines).set_index("row").round(1)
 
-# %% ../nbs/16_ablation.ipynb #b668aeff
+# %% ../nbs/16_ablation.ipynb #4b403063
 @torch.no_grad()
 def target_feature_sample(model, dataset, n_pixels:int=3000, seed:int=0, ignore_index:int=255) -> tuple:
     "Features (N, D) and true classes (N,) of `n_pixels` random labelled pixels (at feature resolution) of `dataset`."
@@ -187,7 +217,7 @@ def plot_feature_space(checkpoints:dict, cfg:Config, dataset, n_pixels:int=2000,
     fig.tight_layout()
     return fig
 
-# %% ../nbs/16_ablation.ipynb #dd6ccd1f
+# %% ../nbs/16_ablation.ipynb #c363213a
 def main(argv=None):
     "`python -m proda_nb.ablation`: train the missing runs of the ablation and print its table."
     p = argparse.ArgumentParser(prog="python -m proda_nb.ablation", description=__doc__)
@@ -202,5 +232,5 @@ def main(argv=None):
     print(f"-> {Path(args.out) / 'ablation.json'}")
     return 0
 
-# %% ../nbs/16_ablation.ipynb #ff9c822c
+# %% ../nbs/16_ablation.ipynb #97565e1f
 if __name__ == "__main__" and "__file__" in globals(): raise SystemExit(main())

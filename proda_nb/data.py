@@ -505,6 +505,7 @@ class DataConfig:
     max_val: int = 0                   # evaluate on the first N val images only (0 = all)
     num_workers: int = 0               # DataLoader worker processes per training process
     synthcity_seed: int = 0            # which SynthCity world (the dataset itself, not the run)
+    synthcity_version: int = 2         # SynthCity's generator: 2 (the calibrated gap) | 1 (the first benchmark)
     synthcity_n: int = 0               # SynthCity training images per domain (0 = the whole split)
     cache_dir: str = ""                # SynthCity cache folder ('' = $SYNTHCITY_CACHE or memory only)
     label_set: str = "19"              # the model's classes (labels.LABEL_SETS): 19 | synthia16 (the release's SYNTHIA model)

@@ -15,11 +15,12 @@ __all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint'
 import numpy as np
 import torch
 
-# %% ../nbs/24_methods.ipynb #0a1f1d14
+# %% ../nbs/24_methods.ipynb #c9cfd243
 from .engine import Config, PaperResult, get_config, set_option, build_datasets, evaluate, headline_miou
 from .data import dataset_from_config, discover_plugins
 from .models import adapt_batchnorm, network_from_checkpoint
 from .pipeline import RECIPES, Recipe, get_recipe, recipe_config, register_recipe, run_pipeline
+from .ablation import check_root_config
 
 # %% ../nbs/24_methods.ipynb #d0a854ae
 def adabn_row(cfg:Config, seed_root:Path, source_checkpoint:Path) -> dict:
@@ -88,7 +89,7 @@ def run_row(name:str, seed:int, root, base:Config) -> dict:
     (folder / "row.json").write_text(json.dumps(row, indent=1))
     return row
 
-# %% ../nbs/24_methods.ipynb #1e343747
+# %% ../nbs/24_methods.ipynb #06610af9
 ROW_ORDER = ["source_only", "adabn", "adaptsegnet", "dann", "st", "cbst", "cbst_sp", "proda_stage1", "proda",
              "se", "tgcf", "tgcf_se", "dacs", "pipa_pixel", "pipa_patch", "pipa", "memory_bank", "oracle"]
 "The table's order: the bounds around the families, each family's rows from the oldest method to the newest."
@@ -105,6 +106,7 @@ def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict
     "Train every missing row of every seed under `root` (each in a fresh process), then write and return methods.json."
     root, names = Path(root), method_rows(rows)
     names = ["source_only"] + [n for n in names if n != "source_only"]
+    check_root_config(root, base_config(options))          # every row of a root comes from one benchmark
     for seed in seeds:
         for name in names:
             if (root / f"seed{seed}" / name / "row.json").is_file(): continue

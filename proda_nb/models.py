@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CAFFE_BGR_MEAN', 'INPUT_NORMS', 'LAYOUTS', 'WEIGHT_KINDS', 'MODELS', 'RELEASE_KEYS',
-           'SegOutput', 'InputNorm', 'release_layout', 'ResNetBackbone', 'ASPPClassifier', 'SEBlock', 'conv_gn_relu',
-           'ProDAHead', 'batchnorms', 'DeepLab', 'WeightLoadError', 'WeightFileError', 'numpy_scalar_globals',
-           'read_weights_file', 'unwrap_state_dict', 'load_backbone_weights', 'conv_bn_relu', 'ResidualBlock',
-           'ContextModule', 'SynthCityNet', 'build_model', 'ModelConfig', 'build_network', 'rename_key',
-           'is_release_checkpoint', 'release_weights', 'load_release_checkpoint', 'checkpoint_weights', 'load_weights',
-           'network_from_checkpoint', 'bn_layers', 'bn_buffers', 'frozen_bn_statistics', 'adapt_batchnorm']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CAFFE_BGR_MEAN', 'INPUT_NORMS', 'LAYOUTS', 'WEIGHT_KINDS', 'NORMS', 'MODELS',
+           'RELEASE_KEYS', 'SegOutput', 'InputNorm', 'release_layout', 'ResNetBackbone', 'ASPPClassifier', 'SEBlock',
+           'conv_gn_relu', 'ProDAHead', 'batchnorms', 'DeepLab', 'WeightLoadError', 'WeightFileError',
+           'numpy_scalar_globals', 'read_weights_file', 'unwrap_state_dict', 'load_backbone_weights', 'norm_layer',
+           'conv_bn_relu', 'ResidualBlock', 'ContextModule', 'SynthCityNet', 'build_model', 'ModelConfig',
+           'build_network', 'rename_key', 'is_release_checkpoint', 'release_weights', 'load_release_checkpoint',
+           'checkpoint_weights', 'load_weights', 'network_from_checkpoint', 'bn_layers', 'bn_buffers',
+           'frozen_bn_statistics', 'adapt_batchnorm']
 
 # %% ../nbs/03_models.ipynb #812c0113
 import numpy as np
@@ -288,44 +289,55 @@ def load_backbone_weights(model:nn.Module, path, kind:str="imagenet", max_listed
     return model
 
 # %% ../nbs/03_models.ipynb #e2c5c2a6
-def conv_bn_relu(in_ch:int, out_ch:int, kernel_size:int=3, stride:int=1, dilation:int=1) -> nn.Sequential:
-    "Conv (no bias, 'same' padding) -> BatchNorm -> ReLU."
+NORMS = ("bn", "gn")
+
+def norm_layer(channels:int, norm:str="bn") -> nn.Module:
+    "BatchNorm2d (`norm='bn'`), or GroupNorm with groups of 4 channels and at most 8 groups (`norm='gn'`)."
+    if norm == "bn": return nn.BatchNorm2d(channels)
+    if norm == "gn": return nn.GroupNorm(min(8, max(1, channels // 4)), channels)
+    raise ValueError(f"model.norm={norm!r}; choose one of {', '.join(NORMS)}")
+
+def conv_bn_relu(in_ch:int, out_ch:int, kernel_size:int=3, stride:int=1, dilation:int=1, norm:str="bn") -> nn.Sequential:
+    "Conv (no bias, 'same' padding) -> BatchNorm (or GroupNorm, `norm='gn'`) -> ReLU."
     pad = dilation * (kernel_size // 2)
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size, stride, pad, dilation, bias=False),
-                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+                         norm_layer(out_ch, norm), nn.ReLU(inplace=True))
 
 class ResidualBlock(nn.Module):
-    "`relu(x + bn(conv(relu(bn(conv(x))))))`: two 3x3 convs with the same `dilation`."
-    def __init__(self, channels:int, dilation:int=1):
+    "`relu(x + norm(conv(relu(norm(conv(x))))))`: two 3x3 convs with the same `dilation`."
+    def __init__(self, channels:int, dilation:int=1, norm:str="bn"):
         super().__init__()
-        self.conv1 = conv_bn_relu(channels, channels, 3, dilation=dilation)
+        self.conv1 = conv_bn_relu(channels, channels, 3, dilation=dilation, norm=norm)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = norm_layer(channels, norm)
         nn.init.zeros_(self.bn2.weight)   # every block starts as the identity: easier to train from scratch
     def forward(self, x:Tensor) -> Tensor: return F.relu(x + self.bn2(self.conv2(self.conv1(x))))
 
 class ContextModule(nn.Module):
     "A small ASPP: a 1x1 branch and a 3x3 branch per dilation in `rates`, concatenated, fused by a 1x1 conv."
-    def __init__(self, in_ch:int, out_ch:int, rates=(2, 4, 6)):
+    def __init__(self, in_ch:int, out_ch:int, rates=(2, 4, 6), norm:str="bn"):
         super().__init__()
-        self.branches = nn.ModuleList([conv_bn_relu(in_ch, out_ch, 1)] +
-                                      [conv_bn_relu(in_ch, out_ch, 3, dilation=r) for r in rates])
-        self.fuse = conv_bn_relu(out_ch * (len(rates) + 1), out_ch, 1)
+        self.branches = nn.ModuleList([conv_bn_relu(in_ch, out_ch, 1, norm=norm)] +
+                                      [conv_bn_relu(in_ch, out_ch, 3, dilation=r, norm=norm) for r in rates])
+        self.fuse = conv_bn_relu(out_ch * (len(rates) + 1), out_ch, 1, norm=norm)
     def forward(self, x:Tensor) -> Tensor: return self.fuse(torch.cat([b(x) for b in self.branches], 1))
 
 # %% ../nbs/03_models.ipynb #87bb04d3
 class SynthCityNet(nn.Module):
-    "Small dilated CNN for 64x128 RGB images in [0,1]; features at output stride 4 (`feature_dim` channels)."
+    """Small dilated CNN for 64x128 RGB images in [0,1]; features at output stride 4 (`feature_dim` channels).
+    `norm`: bn (BatchNorm: running statistics, which AdaBN can re-estimate) | gn (GroupNorm: none)."""
     output_stride = 4
-    def __init__(self, num_classes:int=19, width:int=32, feature_dim:int=64, rates=(2, 4, 6)):
+    def __init__(self, num_classes:int=19, width:int=32, feature_dim:int=64, rates=(2, 4, 6), norm:str="bn"):
         super().__init__()
-        self.num_classes, self.feature_dim = num_classes, feature_dim
+        if norm not in NORMS: raise ValueError(f"model.norm={norm!r}; choose one of {', '.join(NORMS)}")
+        self.num_classes, self.feature_dim, self.norm = num_classes, feature_dim, norm
         w2, w4, w8 = width // 2, width, 2 * width          # channels at output stride 2, 4 and 8
+        c = lambda *a, **k: conv_bn_relu(*a, norm=norm, **k)
         self.input_norm = InputNorm("imagenet")
-        self.stem = nn.Sequential(conv_bn_relu(3, w2, stride=2), conv_bn_relu(w2, w4, stride=2), ResidualBlock(w4))
-        self.down = nn.Sequential(conv_bn_relu(w4, w8, stride=2), ResidualBlock(w8, 2), ResidualBlock(w8, 4))
-        self.context = ContextModule(w8, w8 // 2, rates)
-        self.fuse = conv_bn_relu(w8 // 2 + w4, feature_dim)
+        self.stem = nn.Sequential(c(3, w2, stride=2), c(w2, w4, stride=2), ResidualBlock(w4, norm=norm))
+        self.down = nn.Sequential(c(w4, w8, stride=2), ResidualBlock(w8, 2, norm), ResidualBlock(w8, 4, norm))
+        self.context = ContextModule(w8, w8 // 2, rates, norm)
+        self.fuse = c(w8 // 2 + w4, feature_dim)
         self.classifier = nn.Conv2d(feature_dim, num_classes, 1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m is not self.classifier:
@@ -365,6 +377,7 @@ class ModelConfig:
     freeze_bn: bool = False            # deeplab_r101 only: BatchNorm in eval mode with frozen affine weights
     extra_bn: bool = False             # deeplab_r101 only: a BatchNorm between the backbone and the head (SimCLRv2 students)
     layout: str = "torchvision"        # deeplab_r101 only: torchvision | release (the release's ResNet, head init and features)
+    norm: str = "bn"                   # synthcity_net only: bn (BatchNorm) | gn (GroupNorm: no running statistics)
 
 def build_network(model:ModelConfig) -> nn.Module:
     "The network `model` describes, with its backbone weights loaded when `model.pretrained` is set."
@@ -373,6 +386,8 @@ def build_network(model:ModelConfig) -> nn.Module:
         kw.update(head=model.head, freeze_bn=model.freeze_bn, extra_bn=model.extra_bn, layout=model.layout)
     elif model.extra_bn or model.freeze_bn or model.layout != "torchvision":
         raise ValueError(f"model.extra_bn, model.freeze_bn and model.layout are DeepLab options; model.name={model.name!r} has none of them")
+    if model.name == "synthcity_net": kw.update(norm=model.norm)
+    elif model.norm != "bn": raise ValueError(f"model.norm is a synthcity_net option; model.name={model.name!r} has none")
     net = build_model(model.name, **kw)
     if model.pretrained: load_backbone_weights(net, model.pretrained, kind=model.pretrained_kind)
     return net
@@ -467,6 +482,8 @@ def network_from_checkpoint(model:ModelConfig, path, ema:bool=False, map_locatio
         raise WeightFileError(f"checkpoint {path} holds no model weights (a dict of tensors)")
     extra_bn = any(k.startswith("extra_bn.") for k in state)
     cfg = dataclasses.replace(model, pretrained="", extra_bn=extra_bn)
+    if model.name == "synthcity_net":                   # its weights say which normalisation it was trained with
+        cfg.norm = "bn" if any(k.endswith("running_mean") for k in state) else "gn"
     net = build_network(cfg)
     return load_weights(net, state, f"checkpoint {path}").to(map_location).eval()
 
@@ -496,6 +513,7 @@ def adapt_batchnorm(model:nn.Module, dataset, batch_size:int=50, max_images:int=
     statistics over `dataset` (the first `max_images` if > 0), in train-mode forward passes. Weights are unchanged."""
     device = device or next(model.parameters()).device
     layers, was_training = batchnorms(model), model.training
+    if not layers: return model                          # GroupNorm, say: no statistics to re-estimate
     saved = [m.momentum for m in layers]
     for m in layers: m.reset_running_stats(); m.momentum = None; m.train()   # momentum None = cumulative average
     n = min(len(dataset), max_images) if max_images else len(dataset)

@@ -203,23 +203,25 @@ def read_simclr_file(path) -> dict:
 
 # %% ../nbs/13_simclr.ipynb #3bae2a94
 def ensure_simclr_weights(path, data_seed:int=0, settings:SimCLRSettings|None=None, device="cpu", cache_dir=None,
-                          num_classes:int=19, progress:bool=False) -> Path:
-    """`path` if it holds a SimCLR pretraining with these `settings` on SynthCity world `data_seed`; otherwise
-    pretrain a fresh `SynthCityNet(num_classes)` on the unlabelled target_train images and save it there atomically.
+                          num_classes:int=19, progress:bool=False, version:int=2, norm:str="gn") -> Path:
+    """`path` if it holds a SimCLR pretraining with these `settings` on SynthCity `version`, world `data_seed`, of a
+    network with normalisation `norm`; otherwise pretrain a fresh `SynthCityNet(num_classes, norm=norm)` on the
+    unlabelled target_train images and save it there atomically.
     Refuses (FileExistsError) to overwrite a file that is not a proda_nb.simclr file. Call it on one process only."""
     path, s = Path(path), settings or SimCLRSettings()
     if path.exists():
         try: saved = read_simclr_file(path)
         except (WeightLoadError, WeightFileError) as e:
             raise FileExistsError(f"{e}; refusing to overwrite it: delete it or choose another path") from e
-        if saved.get("data_seed") == data_seed and _plain(saved.get("settings", {})) == _plain(asdict(s)): return path
+        same = (saved.get("data_seed"), saved.get("synthcity_version", 1), saved.get("norm", "bn")) == (data_seed, version, norm)
+        if same and _plain(saved.get("settings", {})) == _plain(asdict(s)): return path
     torch.manual_seed(s.seed)
-    model = SynthCityNet(num_classes)
-    data = SynthCity("target_train", seed=data_seed, n=s.images, cache_dir=cache_dir)
+    model = SynthCityNet(num_classes, norm=norm)
+    data = SynthCity("target_train", seed=data_seed, n=s.images, cache_dir=cache_dir, version=version)
     history = pretrain_simclr(model, data, s, device, progress)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_save({"format": SIMCLR_FORMAT, "model": state, "settings": asdict(s), "data_seed": data_seed,
-                 "history": history}, path)
+                 "synthcity_version": version, "norm": norm, "history": history}, path)
     return path
 
 # %% ../nbs/13_simclr.ipynb #f12292dc
@@ -266,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=d.images, help=f"target_train images used (default {d.images})")
     p.add_argument("--data-seed", type=int, default=0, help="SynthCity world (data.synthcity_seed; default 0)")
     p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--version", type=int, default=2, help="SynthCity version (data.synthcity_version; default 2)")
+    p.add_argument("--norm", default="gn", choices=("bn", "gn"), help="SynthCityNet's normalisation (model.norm; default gn)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cache-dir", default=None, help="SynthCity cache folder")
@@ -274,7 +278,8 @@ def main(argv=None) -> int:
     s = SimCLRSettings(steps=a.steps, seed=a.seed, batch_size=a.batch_size, images=a.images)
     out = Path(a.out)
     before = out.stat().st_mtime_ns if out.exists() else None
-    try: path = ensure_simclr_weights(out, a.data_seed, s, a.device, a.cache_dir, a.num_classes, progress=True)
+    try: path = ensure_simclr_weights(out, a.data_seed, s, a.device, a.cache_dir, a.num_classes, progress=True,
+                                      version=a.version, norm=a.norm)
     except FileExistsError as e: print(f"error: {e}", file=sys.stderr); return 2
     h = read_simclr_file(path)["history"]
     reused = before is not None and path.stat().st_mtime_ns == before

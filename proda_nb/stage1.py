@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 # %% auto #0
-__all__ = ['BN_STATS', 'CHOICES', 'Stage1Config', 'check_stage1_settings', 'prepare_offline_labels', 'checkpoint_prototypes',
-           'Stage1']
+__all__ = ['BN_STATS', 'CHOICES', 'SYNTHCITY_STAGE1_ITERS', 'SYNTHCITY_TIME_CONSTANTS', 'Stage1Config', 'check_stage1_settings',
+           'prepare_offline_labels', 'checkpoint_prototypes', 'Stage1']
 
 # %% ../nbs/12_stage1.ipynb #59e7d058
 import torch
@@ -28,8 +28,10 @@ from .consistency import (weak_view, strong_view, warp, compose, prototype_kl, e
                                   create_ema_model, ema_update, ema_pairs)
 from .sce import symmetric_cross_entropy
 from .prototypes import (prototype_weights, rectify_pseudo_labels, update_prototypes, update_prototypes_per_image,
-                                 initial_prototypes, has_prototype)
+                                 initial_prototypes, has_prototype, matched_momentum, RELEASE_STEPS,
+                                 RELEASE_PROTOTYPE_UPDATES)
 from .pseudo_labels import SoftLabelStore, StoreError, build_soft_label_store, checkpoint_id
+from .labels import IGNORE_INDEX
 
 # %% ../nbs/12_stage1.ipynb #de9ac6da
 @dataclass
@@ -54,6 +56,7 @@ class Stage1Config(StageConfig):
     proto_update: str = "batch"        # batch (one step towards the batch's class means) | image (one step per image: the release)
     init_prototypes: str = "compute"   # compute (from the init model) | checkpoint (the init file's: a release file's objective_vectors)
     source_backward: str = "early"     # early (source CE back-propagated before the target passes: the release) | joint
+    grade: bool = False                # log the labels' accuracy against the target's own labels and the prototypes' travel (never in the loss)
 
 BN_STATS = ("target", "all")
 CHOICES = {"bn_stats": BN_STATS, "proto_update": ("batch", "image"), "init_prototypes": ("compute", "checkpoint"),
@@ -95,9 +98,16 @@ def checkpoint_prototypes(obj):
     return state.get("prototypes", obj.get("prototypes"))
 
 # %% ../nbs/12_stage1.ipynb #fb263224
+SYNTHCITY_STAGE1_ITERS = 250            # about a minute and a half on two cores
+SYNTHCITY_TIME_CONSTANTS = dict(         # the release's momenta, matched to SynthCity's stage length (notebooks 09, 11)
+    proto_momentum=round(matched_momentum(0.9999, RELEASE_PROTOTYPE_UPDATES, SYNTHCITY_STAGE1_ITERS), 4),   # 0.905
+    ema_momentum=round(matched_momentum(0.999, RELEASE_STEPS, SYNTHCITY_STAGE1_ITERS), 4))                   # 0.779
+
 @register_stage("stage1", settings=Stage1Config, init="required", title="stage 1 (denoising + structure)",
                 paper=PaperResult("ProDA stage 1: denoising + structure learning", 53.7),
-                presets={"synthcity": dict(iters=250, lr=0.02, weak_crop=(96, 48)),     # about a minute on two cores
+                presets={"synthcity": dict(iters=SYNTHCITY_STAGE1_ITERS, lr=0.02, weak_crop=(96, 48), init_adabn=False,
+                                           kl_per_class=True, **SYNTHCITY_TIME_CONSTANTS),
+                         "synthcity_v1": dict(init_adabn=True, kl_per_class=False, proto_momentum=0.9999, ema_momentum=0.999),
                          "gta5_to_cityscapes": dict(init_adabn=False, weak_crop=(896, 512), weak_scale=(0.5, 1.5), lr=1e-4,
                                                     head_lr_mult=1.0, kl_per_class=True, proto_update="image", bn_stats="all"),
                          "synthia_to_cityscapes": dict(gamma2=0.0)})                  # the release's SYNTHIA command
@@ -130,6 +140,8 @@ class Stage1(Stage):
         if not self.uses_prototypes: self.prototypes = None
         elif getattr(self, "init_prototypes", None) is not None: self.prototypes = self.init_prototypes.float().to(env.device)
         else: self.prototypes = initial_prototypes(model, target, device=env.device, distributed=env.distributed)
+        self.start_prototypes = None if self.prototypes is None else self.prototypes.clone()
+        self.diagnostics = {}
         self.ema_model = create_ema_model(model)
         self.ema_model.train()               # as the release: batch statistics of the full target batch
         self.index_models()
@@ -178,6 +190,7 @@ def loss_terms(self:Stage1, batch:dict) -> dict:
     terms = {"source_ce": source_ce.detach() if early else source_ce}
     images = tgt["image"]
     t_feats, t_logits, labels = self.teacher_labels(images, tgt["index"])
+    self.diagnostics = self.grades(tgt, t_feats, labels) if s.grade else {}
     if self.uses_prototypes:                           # computed here, while the teacher's maps are still in cache
         update = update_prototypes_per_image if s.proto_update == "image" else update_prototypes
         new_prototypes = update(self.prototypes, t_feats, t_logits.max(1).indices, s.proto_momentum,
@@ -204,7 +217,7 @@ def compute_loss(self:Stage1, batch):
     s, t = self.settings, self.loss_terms(batch)
     loss = t["target"] + s.gamma1 * t["kl"] + s.gamma2 * t["reg"]
     if s.source_backward == "joint": loss = loss + t["source_ce"]   # "early": already back-propagated
-    return loss, {f"loss_{k}": v.detach() for k, v in t.items()}
+    return loss, {**{f"loss_{k}": v.detach() for k, v in t.items()}, **self.diagnostics}
 
 # %% ../nbs/12_stage1.ipynb #a1f1ed34
 @patch
@@ -213,7 +226,8 @@ def after_step(self:Stage1, iteration:int):
 
 @patch
 def state_dict(self:Stage1) -> dict:
-    return {"settings": asdict(self.settings), "ema_model": self.ema_model.state_dict(), "prototypes": self.prototypes}
+    return {"settings": asdict(self.settings), "ema_model": self.ema_model.state_dict(), "prototypes": self.prototypes,
+            "start_prototypes": self.start_prototypes}
 
 @patch
 def load_state_dict(self:Stage1, state:dict):
@@ -221,3 +235,27 @@ def load_state_dict(self:Stage1, state:dict):
                           ("denoise", "sce", "gamma1", "gamma2", "init_adabn", "bn_stats"), "stage 1")
     if state.get("ema_model") is not None: self.ema_model.load_state_dict(state["ema_model"])
     if state.get("prototypes") is not None: self.prototypes = state["prototypes"].to(self.trainer.env.device)
+    if state.get("start_prototypes") is not None: self.start_prototypes = state["start_prototypes"].to(self.trainer.env.device)
+
+# %% ../nbs/12_stage1.ipynb #12a0g002
+@patch
+@torch.no_grad()
+def grades(self:Stage1, target:dict, t_feats:Tensor, labels:Tensor) -> dict:
+    "Diagnostics for `grade`: the offline and rectified labels' accuracy against `target`'s own labels, the share relabelled, the prototypes' travel."
+    out, truth = {}, target.get("label")
+    if truth is not None:
+        t = F.interpolate(truth[:, None].float(), size=labels.shape[-2:], mode="nearest")[:, 0].long()
+        ok = t != IGNORE_INDEX
+        if ok.any():
+            soft = _resize_probs(self.store.get(torch.as_tensor(target["index"]).cpu(), device=labels.device), labels.shape[-2:])
+            offline = soft.max(1).indices
+            out["label_acc_offline"] = (offline == t)[ok].float().mean()
+            if self.prototypes is not None:
+                rectified = labels if self.settings.denoise else \
+                    rectify_pseudo_labels(soft, prototype_weights(t_feats, self.prototypes, self.settings.tau))
+                out["label_acc_rectified"] = (rectified == t)[ok].float().mean()
+                out["label_changed"] = (rectified != offline).float().mean()
+    if self.prototypes is not None and self.start_prototypes is not None:
+        both = has_prototype(self.prototypes) & has_prototype(self.start_prototypes)
+        out["prototype_shift"] = (self.prototypes[both] - self.start_prototypes[both]).norm(dim=1).mean()
+    return out

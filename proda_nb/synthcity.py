@@ -14,10 +14,12 @@ __all__ = ['ROAD', 'SIDEWALK', 'BUILDING', 'FENCE', 'POLE', 'SIGN', 'VEGETATION'
            'P_MARKING', 'P_SIDEWALK', 'P_CURB', 'P_TERRAIN', 'P_FENCE', 'P_CANOPY', 'P_TRUNK', 'P_POLE', 'P_SIGN',
            'P_BLOCK', 'P_WINDOW', 'P_CAR', 'P_PERSON', 'NUM_PARTS', 'PART_CLASS', 'SOURCE_LAYOUT', 'TARGET_LAYOUT',
            'SOURCE_COLOURS', 'TARGET_COLOURS', 'TARGET_STYLE', 'TEXTURES', 'GRAVEL', 'BRICK', 'GRASS', 'CAMERA',
-           'COFFEE', 'CHELSEA', 'ROCKET', 'ASTRONAUT', 'MOTORCYCLE', 'CLOUDS', 'SYNTHCITY_VERSION', 'SPLITS', 'CHUNK',
-           'SYNTHCITY_AUGMENT', 'LayoutStats', 'layout_scenes', 'colour_table', 'render_source', 'TargetStyle',
-           'texture_bank', 'render_target', 'generate_split', 'cache_path', 'load_split', 'SynthCity',
-           'class_frequencies', 'region_statistics']
+           'COFFEE', 'CHELSEA', 'ROCKET', 'ASTRONAUT', 'MOTORCYCLE', 'CLOUDS', 'SOURCE_LIGHTING', 'TARGET_COLOURS_V2',
+           'TARGET_TERRAIN_V2', 'TARGET_SKY_V2', 'TARGET_SHADOWS_V2', 'GROUND_PARTS', 'SYNTHCITY_VERSION',
+           'SYNTHCITY_VERSIONS', 'SPLITS', 'CHUNK', 'SYNTHCITY_AUGMENT', 'LayoutStats', 'layout_scenes', 'colour_table',
+           'render_source', 'TargetStyle', 'texture_bank', 'render_target', 'SourceLighting', 'apply_lighting',
+           'render_source_v2', 'cast_shadows', 'render_target_v2', 'generate_split', 'cache_path', 'load_split',
+           'SynthCity', 'class_frequencies', 'region_statistics']
 
 # %% ../nbs/04_synthcity.ipynb #08c8fd8e
 import numpy as np
@@ -303,13 +305,21 @@ def _part_textures(n:int, rng:np.random.Generator) -> np.ndarray:
     return b
 
 # %% ../nbs/04_synthcity.ipynb #5f49de55
-def render_target(part:np.ndarray, rng:np.random.Generator, style:TargetStyle=TARGET_STYLE) -> np.ndarray:
-    "Render `(n, H, W)` part maps like photographs: photo textures, muted colours, blur, colour cast, exposure, noise."
+def render_target(part:np.ndarray, rng:np.random.Generator, style:TargetStyle=TARGET_STYLE, colours:dict|None=None,
+                  terrain:tuple|None=None, sky:tuple|None=None, shadows:float=0.0) -> np.ndarray:
+    """Render `(n, H, W)` part maps like photographs: photo textures, muted colours, blur, colour cast, exposure, noise.
+    `colours` replaces the palette (`TARGET_COLOURS`); `terrain` and `sky`, two colours each, draw every image's
+    terrain (sky) colour between them; `shadows` is the share of images with cast shadows (v2, below)."""
     n, H, W = part.shape
     bank = texture_bank()
     N = np.arange(n)[:, None, None]
     side, flat_part = bank.shape[1], N * NUM_PARTS + part               # flat indices: one cheap gather each
-    colour = colour_table(n, rng, TARGET_COLOURS, style.saturation, style.value).reshape(-1, 3)[flat_part]
+    table = colour_table(n, rng, colours or TARGET_COLOURS, style.saturation, style.value)
+    for which, ends in ((P_TERRAIN, terrain), (P_SKY, sky)):
+        if ends is not None:
+            mix = rng.uniform(0, 1, (n, 1)).astype(np.float32)
+            table[:, which] = (1 - mix) * np.float32(ends[0]) + mix * np.float32(ends[1])
+    colour = table.reshape(-1, 3)[flat_part]
     texture_id = _part_textures(n, rng).ravel()[flat_part]
     offset = rng.integers(0, side, (n * NUM_PARTS, 2))                    # every part its own patch of the photo
     rows = (np.arange(H)[None, :, None] + offset[flat_part, 0]) % side
@@ -317,6 +327,7 @@ def render_target(part:np.ndarray, rng:np.random.Generator, style:TargetStyle=TA
     texture = bank.reshape(-1, 3)[(texture_id * side + rows) * side + cols]
     strength = rng.uniform(*style.texture_strength, (n, 1, 1, 1)).astype(np.float32)
     img = colour * (1 + strength * (texture - 1)) * _shading(part, rng)[..., None]
+    if shadows > 0: img *= cast_shadows(part, rng, shadows)[..., None]
     sigma = rng.uniform(*style.blur_sigma, n) * H / 64
     for i in range(n): img[i] = ndimage.gaussian_filter(img[i], (sigma[i], sigma[i], 0), mode="nearest")
     ys, xs = np.linspace(-1, 1, H)[:, None], np.linspace(-1, 1, W)[None, :]
@@ -326,9 +337,71 @@ def render_target(part:np.ndarray, rng:np.random.Generator, style:TargetStyle=TA
     img += rng.standard_normal(img.shape, np.float32) * rng.uniform(*style.noise, (n, 1, 1, 1)).astype(np.float32)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
+# %% ../nbs/04_synthcity.ipynb #5c2a0002
+@dataclass(frozen=True)
+class SourceLighting:
+    """v2: per-image global photometrics of the source (a game's day-night cycle and weather): exposure gain, white
+    balance, saturation, contrast and gamma, each drawn uniformly per image from its range."""
+    gain: tuple = (0.6, 1.3)
+    white_balance: float = 0.15            # per-channel gains in 1 +- this
+    saturation: tuple = (0.5, 1.2)         # blend with the grey image (0: grey, 1: unchanged)
+    contrast: tuple = (0.7, 1.2)           # around the image's mean
+    gamma: tuple = (0.7, 1.4)
+
+SOURCE_LIGHTING = SourceLighting()
+
+def apply_lighting(img:np.ndarray, rng:np.random.Generator, light:SourceLighting=SOURCE_LIGHTING) -> np.ndarray:
+    "Per-image lighting of float images `(n, H, W, 3)` in [0, 1]: gain and white balance, saturation, contrast, gamma."
+    n = len(img)
+    r = lambda lo, hi, shape=(n, 1, 1, 1): rng.uniform(lo, hi, shape).astype(np.float32)
+    img = img * r(*light.gain) * r(1 - light.white_balance, 1 + light.white_balance, (n, 1, 1, 3))
+    grey = img.mean(-1, keepdims=True)
+    img = grey + (img - grey) * r(*light.saturation)
+    mean = img.mean((1, 2, 3), keepdims=True)
+    img = mean + (img - mean) * r(*light.contrast)
+    return np.clip(img, 0, 1) ** r(*light.gamma)
+
+def render_source_v2(part:np.ndarray, rng:np.random.Generator) -> np.ndarray:
+    "v2 source: the v1 game rendering under a random lighting per image (`SourceLighting`)."
+    n = len(part)
+    img = colour_table(n, rng, SOURCE_COLOURS)[np.arange(n)[:, None, None], part] * _shading(part, rng)[..., None]
+    img = apply_lighting(np.clip(img, 0, 1), rng)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+# %% ../nbs/04_synthcity.ipynb #5c2a0005
+TARGET_COLOURS_V2 = {**TARGET_COLOURS, P_SIDEWALK: (0.50, 0.49, 0.48), P_CURB: (0.62, 0.61, 0.59),
+                     P_CANOPY: (0.17, 0.40, 0.14)}
+"v2 target palette: grey paving slabs (close to the road's grey), a lighter curb, darker foliage."
+TARGET_TERRAIN_V2 = ((0.50, 0.64, 0.28), (0.26, 0.50, 0.20))
+"v2 target terrain, drawn per image between dry grass (v1's target terrain) and lush grass as green as the vegetation."
+TARGET_SKY_V2 = ((0.55, 0.68, 0.88), (0.80, 0.81, 0.83))
+"v2 target sky, drawn per image between clear blue and overcast white-grey."
+TARGET_SHADOWS_V2 = 0.6
+"v2: the share of target images with cast shadows (slanted bands on the ground at 45-70 % brightness)."
+GROUND_PARTS = (P_ROAD, P_MARKING, P_SIDEWALK, P_CURB, P_TERRAIN)
+
+def cast_shadows(part:np.ndarray, rng:np.random.Generator, share:float) -> np.ndarray:
+    "Brightness factors `(n, H, W)`: slanted bands of shadow on the ground parts of a `share` of the images, 1 elsewhere."
+    n, H, W = part.shape
+    Y, X = np.arange(H, dtype=np.float32)[None, :, None], np.arange(W, dtype=np.float32)[None, None, :]
+    c = lambda a: np.asarray(a, np.float32)[:, None, None]
+    on = rng.random(n) < share
+    slope, period = rng.uniform(-2.5, 2.5, n), rng.uniform(25, 70, n)
+    phase, duty, dark = rng.uniform(0, 1, n), rng.uniform(0.3, 0.6, n), rng.uniform(0.45, 0.7, n)
+    band = np.mod((X + c(slope) * Y) / c(period) + c(phase), 1.0) < c(duty)
+    ground = np.isin(part, GROUND_PARTS)
+    return np.where(c(on).astype(bool) & band & ground, c(dark), np.float32(1)).astype(np.float32)
+
+def render_target_v2(part:np.ndarray, rng:np.random.Generator, style:TargetStyle=TARGET_STYLE) -> np.ndarray:
+    "v2 target: `render_target` with the v2 palette, per-image terrain and sky colours, and cast shadows."
+    return render_target(part, rng, style, colours=TARGET_COLOURS_V2, terrain=TARGET_TERRAIN_V2, sky=TARGET_SKY_V2,
+                         shadows=TARGET_SHADOWS_V2)
+
 # %% ../nbs/04_synthcity.ipynb #6955d8e3
 SYNTHCITY_VERSION = 1
-"Bumped whenever the generator changes, so that old cache files are not reused."
+"The generator's revision: bumped whenever the code that draws an existing version changes, so that old caches are not reused."
+SYNTHCITY_VERSIONS = (1, 2)
+"1: the first benchmark; 2: source lighting, target confusions (notebook 04's v2 section). The default is 2."
 SPLITS = {"source_train": ("source", 2000), "source_val": ("source", 200),
           "target_train": ("target", 2000), "target_val": ("target", 300)}
 "Split name -> (domain, default number of images)."
@@ -338,39 +411,46 @@ _MEMORY_CACHE: dict = {}
 def _check_split(split:str):
     if split not in SPLITS: raise ValueError(f"unknown SynthCity split {split!r}; choose one of {', '.join(SPLITS)}")
 
-def generate_split(split:str, seed:int=0, size=(64, 128), n:int|None=None) -> tuple[np.ndarray, np.ndarray]:
-    "Generate split `split`: images `(n, H, W, 3)` uint8 and labels `(n, H, W)` uint8 train ids (no caching)."
-    _check_split(split)
+def _check_version(version:int):
+    if version not in SYNTHCITY_VERSIONS:
+        raise ValueError(f"data.synthcity_version={version!r}; choose one of {', '.join(map(str, SYNTHCITY_VERSIONS))}")
+
+def generate_split(split:str, seed:int=0, size=(64, 128), n:int|None=None, version:int=2) -> tuple[np.ndarray, np.ndarray]:
+    "Generate split `split` of SynthCity `version`: images `(n, H, W, 3)` uint8 and labels `(n, H, W)` uint8 train ids."
+    _check_split(split); _check_version(version)
     domain, default_n = SPLITS[split]
     n = default_n if n is None else int(n)
     if n <= 0: raise ValueError(f"n must be positive, got {n}")
     H, W = size
     if H < 32 or W < 32: raise ValueError(f"size must be (height, width) of at least 32x32 pixels, got {size}")
+    render = {1: (render_source, render_target), 2: (render_source_v2, render_target_v2)}[version][domain == "target"]
     images, labels = [], []
     for chunk in range(-(-n // CHUNK)):
-        rng = np.random.default_rng([seed, list(SPLITS).index(split), chunk, SYNTHCITY_VERSION])
+        key = [seed, list(SPLITS).index(split), chunk, SYNTHCITY_VERSION] + ([version] if version != 1 else [])
+        rng = np.random.default_rng(key)
         part = layout_scenes(CHUNK, rng, SOURCE_LAYOUT if domain == "source" else TARGET_LAYOUT, (H, W))
-        images.append(render_source(part, rng) if domain == "source" else render_target(part, rng))
+        images.append(render(part, rng))
         labels.append(PART_CLASS[part])
     return np.concatenate(images)[:n], np.concatenate(labels)[:n]
 
-def cache_path(cache_dir, split:str, seed:int=0, size=(64, 128), n:int|None=None) -> Path:
-    "The cache file of a split: keyed by seed, generator version, size and count."
+def cache_path(cache_dir, split:str, seed:int=0, size=(64, 128), n:int|None=None, version:int=2) -> Path:
+    "The cache file of a split: keyed by version (and the generator's revision), seed, size and count."
     n = SPLITS[split][1] if n is None else n
-    return Path(cache_dir) / f"synthcity_v{SYNTHCITY_VERSION}_{split}_seed{seed}_{size[0]}x{size[1]}_n{n}.npz"
+    tag = f"v{SYNTHCITY_VERSION}" if version == 1 else f"{version}r{SYNTHCITY_VERSION}"
+    return Path(cache_dir) / f"synthcity_{tag}_{split}_seed{seed}_{size[0]}x{size[1]}_n{n}.npz"
 
-def load_split(split:str, seed:int=0, size=(64, 128), n:int|None=None, cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(split:str, seed:int=0, size=(64, 128), n:int|None=None, cache_dir=None, version:int=2) -> tuple[np.ndarray, np.ndarray]:
     "`generate_split`, memoised in memory and (with `cache_dir` or `$SYNTHCITY_CACHE`) on disk."
-    _check_split(split)
+    _check_split(split); _check_version(version)
     size, n = tuple(size), SPLITS[split][1] if n is None else int(n)
-    key = (split, seed, size, n, SYNTHCITY_VERSION)
+    key = (split, seed, size, n, version, SYNTHCITY_VERSION)
     if key in _MEMORY_CACHE: return _MEMORY_CACHE[key]
     cache_dir = cache_dir or os.environ.get("SYNTHCITY_CACHE")
-    path = cache_path(cache_dir, split, seed, size, n) if cache_dir else None
+    path = cache_path(cache_dir, split, seed, size, n, version) if cache_dir else None
     if path is not None and path.exists():
         with np.load(path) as f: arrays = f["images"], f["labels"]
     else:
-        arrays = generate_split(split, seed, size, n)
+        arrays = generate_split(split, seed, size, n, version)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
@@ -386,10 +466,10 @@ SYNTHCITY_AUGMENT = dict(scale_range=(1.0, 1.25), hflip=0.5)
 class SynthCity(SegDataset):
     "SynthCity split `split` ('source_train', 'source_val', 'target_train', 'target_val') as sample dicts."
     def __init__(self, split:str="source_train", seed:int=0, size=(64, 128), n:int|None=None,
-                 augment:SegAugment|str|bool|None=None, cache_dir=None, aug_seed:int|None=None):
+                 augment:SegAugment|str|bool|None=None, cache_dir=None, aug_seed:int|None=None, version:int=2):
         _check_split(split)
-        self.split, self.size, self.domain = split, tuple(size), SPLITS[split][0]
-        self.images, self.labels = load_split(split, seed, size, n, cache_dir)
+        self.split, self.size, self.domain, self.version = split, tuple(size), SPLITS[split][0], version
+        self.images, self.labels = load_split(split, seed, size, n, cache_dir, version)
         if augment is True: augment = SegAugment(crop=(self.size[1], self.size[0]), **SYNTHCITY_AUGMENT)
         super().__init__([Item(f"{split}_{i:05d}", None, None) for i in range(len(self.images))],
                          augment or None, aug_seed)
@@ -398,24 +478,26 @@ class SynthCity(SegDataset):
         return self.images[index], self.labels[index]
 
     def __repr__(self) -> str:
-        return f"SynthCity({self.split!r}, {len(self)} images {self.size[0]}x{self.size[1]}, augment={self.augment})"
+        return f"SynthCity({self.split!r}, v{self.version}, {len(self)} images {self.size[0]}x{self.size[1]}, augment={self.augment})"
 
 # %% ../nbs/04_synthcity.ipynb #ce9995fa
 def _from_config(data, domain:str, split:str, augment) -> SynthCity:
     n = (data.synthcity_n if split == "train" else data.max_val) or None
     return SynthCity(f"{domain}_{split}", seed=data.synthcity_seed, n=n, augment=bool(augment == "train" and data.hflip),
-                     cache_dir=data.cache_dir or None)
+                     cache_dir=data.cache_dir or None, version=data.synthcity_version)
 
 register_dataset("synthcity", lambda root, split="source_train", **opts: SynthCity(split, **opts), _from_config,
                  needs_root=False)
 register_class_subset("synthcity", SYNTHCITY_CLASSES, "SynthCity's 11 classes")
 register_preset("synthcity", {
     "data.source": "synthcity", "data.target": "synthcity", "data.hflip": True,
-    "model.name": "synthcity_net",
+    "data.synthcity_version": 2, "model.name": "synthcity_net", "model.norm": "gn",
     "optim.batch_size": 16, "optim.lr": 0.1,           # a small network trained from scratch takes a large lr
     "schedule.iters": 1000, "eval.classes": "synthcity", "run.out": "runs/synthcity",
     "run.pipeline": "source_only,warmup,stage1,stage2,stage3"},
     description="SynthCity on the CPU: the whole method in minutes", default=True)
+register_preset("synthcity_v1", {"data.synthcity_version": 1, "model.norm": "bn"}, base="synthcity",
+                description="the first SynthCity (v1) with a BatchNorm network, as its numbers were measured")
 
 # %% ../nbs/04_synthcity.ipynb #34a01159
 def class_frequencies(labels, classes=SYNTHCITY_CLASSES) -> np.ndarray:

@@ -52,14 +52,20 @@ def tiny_synthcity_config(out, stage="source_only", **options):
     return cfg
 
 
+def default_network():
+    "A randomly initialised network as the default preset builds it (SynthCity's GroupNorm SynthCityNet)."
+    from proda_nb.engine import get_config
+    from proda_nb.models import build_network
+    return build_network(get_config().model)
+
+
 @pytest.fixture(scope="session")
 def random_init(tmp_path_factory):
     "A checkpoint of a randomly initialised SynthCityNet (seed 0), in the engine's layout: an init for any stage."
     from proda_nb.engine import atomic_save
-    from proda_nb.models import build_model
     path = tmp_path_factory.mktemp("init") / "checkpoint.pt"
     torch.manual_seed(0)
-    atomic_save({"model": build_model("synthcity_net").state_dict()}, path)
+    atomic_save({"model": default_network().state_dict()}, path)
     return path
 
 

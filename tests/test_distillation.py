@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import default_network
+
 from proda_nb.engine import get_config, Trainer, atomic_save, load_checkpoint
 from proda_nb.models import build_model, SegOutput
 from proda_nb.engine import missing_init_message
@@ -97,7 +99,7 @@ def test_teacher_labels_flip_average_and_threshold():
 def teacher_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("chain") / "stage1" / "checkpoint.pt"
     torch.manual_seed(123)                                   # not the engine's seed: scratch differs from it
-    atomic_save({"model": build_model("synthcity_net").state_dict()}, path)
+    atomic_save({"model": default_network().state_dict()}, path)
     return path
 
 
@@ -139,9 +141,10 @@ def test_teacher_frozen_student_inits_and_loss(tmp_path, teacher_ckpt):
 def test_simclr_and_supervised_inits(tmp_path, teacher_ckpt):
     from proda_nb.simclr import SIMCLR_FORMAT, SimCLRSettings
     torch.manual_seed(5)
-    ssl = build_model("synthcity_net").state_dict()
+    ssl = default_network().state_dict()
     f = tmp_path / "simclr.pt"
-    atomic_save({"format": SIMCLR_FORMAT, "model": ssl, "settings": asdict(SimCLRSettings()), "data_seed": 0}, f)
+    atomic_save({"format": SIMCLR_FORMAT, "model": ssl, "settings": asdict(SimCLRSettings()), "data_seed": 0,
+                 "synthcity_version": 2, "norm": "gn"}, f)
     tr = _trainer(tmp_path / "s", teacher_ckpt, student_init="simclr", student_weights=str(f))
     got = tr.raw_model.state_dict()
     for k, v in ssl.items():
@@ -150,7 +153,7 @@ def test_simclr_and_supervised_inits(tmp_path, teacher_ckpt):
         _trainer(tmp_path / "u", teacher_ckpt, student_init="supervised")
     src = teacher_ckpt.parent.parent / "source_only" / "checkpoint.pt"
     torch.manual_seed(6)
-    sup = build_model("synthcity_net").state_dict()
+    sup = default_network().state_dict()
     atomic_save({"model": sup}, src)
     try:
         tr = _trainer(tmp_path / "v", teacher_ckpt, student_init="supervised")

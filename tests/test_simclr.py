@@ -129,6 +129,10 @@ def test_ensure_caches_rebuilds_and_refuses_foreign_files(tmp_path):
     assert read_simclr_file(path)["settings"]["steps"] == 2              # other settings: rebuilt
     ensure_simclr_weights(path, data_seed=1, settings=other)
     assert read_simclr_file(path)["data_seed"] == 1                      # other SynthCity world: rebuilt
+    ensure_simclr_weights(path, data_seed=1, settings=other, norm="bn")
+    assert read_simclr_file(path)["norm"] == "bn"                        # another network: rebuilt
+    ensure_simclr_weights(path, data_seed=1, settings=other, norm="bn", version=1)
+    assert read_simclr_file(path)["synthcity_version"] == 1              # another SynthCity version: rebuilt
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": SynthCityNet().state_dict()}, foreign)
     content = foreign.read_bytes()
@@ -142,7 +146,7 @@ def test_ensure_caches_rebuilds_and_refuses_foreign_files(tmp_path):
 def test_load_leaves_the_classifier_fresh_and_refuses_misfits(tmp_path):
     path = ensure_simclr_weights(tmp_path / "w.pt", settings=TINY)
     saved = read_simclr_file(path)["model"]
-    model = SynthCityNet()
+    model = SynthCityNet(norm="gn")                                        # as ensure_simclr_weights builds it
     with torch.no_grad(): model.classifier.weight.fill_(7.0)               # as if trained before
     load_simclr_weights(model, path)
     sd = model.state_dict()
@@ -152,9 +156,11 @@ def test_load_leaves_the_classifier_fresh_and_refuses_misfits(tmp_path):
     assert not torch.equal(w, saved["classifier.weight"]) and (w != 7.0).all()   # re-initialised
     bound = 1 / math.sqrt(w.shape[1])                                          # Conv2d's default init range
     assert w.abs().max() <= bound
-    load_simclr_weights(SynthCityNet(num_classes=11), path)                   # the classifier size is free
+    load_simclr_weights(SynthCityNet(num_classes=11, norm="gn"), path)       # the classifier size is free
+    with pytest.raises(WeightLoadError, match="unexpected keys"):             # a BatchNorm network does not fit
+        load_simclr_weights(SynthCityNet(), path)
     with pytest.raises(WeightLoadError, match=r"w\.pt does not fit SynthCityNet"):
-        load_simclr_weights(SynthCityNet(width=16), path)
+        load_simclr_weights(SynthCityNet(width=16, norm="gn"), path)
     with pytest.raises(WeightLoadError, match="not a SimCLR weight file"):
         torch.save(SynthCityNet().state_dict(), tmp_path / "plain.pt")
         load_simclr_weights(SynthCityNet(), tmp_path / "plain.pt")

@@ -17,7 +17,13 @@ PROMISED = {"road", "sidewalk", "building", "fence", "pole", "traffic sign", "ve
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: generate_split(s, seed=0, n=N) for s in SPLITS}
+    "Version 1: the game and photograph renderers themselves (v2 adds lighting and confusions on top, tested below)."
+    return {s: generate_split(s, seed=0, n=N, version=1) for s in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def splits_v2():
+    return {s: generate_split(s, seed=0, n=N, version=2) for s in ("source_train", "target_train")}
 
 
 def test_declared_classes_are_the_promised_ones():
@@ -177,7 +183,52 @@ def test_cache_file_is_written_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(sc, "generate_split", no_generation)
     second = load_split("source_val", seed=3, n=15, cache_dir=tmp_path)     # from the file
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
-    assert load_split("source_val", seed=3, n=15, cache_dir=tmp_path) is sc._MEMORY_CACHE[("source_val", 3, (64, 128), 15, sc.SYNTHCITY_VERSION)]
+    assert load_split("source_val", seed=3, n=15, cache_dir=tmp_path) is sc._MEMORY_CACHE[("source_val", 3, (64, 128), 15, 2, sc.SYNTHCITY_VERSION)]
     with pytest.raises(AssertionError, match="generated again"):          # another seed is another file
         load_split("source_val", seed=4, n=15, cache_dir=tmp_path)
     sc._MEMORY_CACHE.clear()
+
+
+# -- version 2 --------------------------------------------------------------------------------------------------------
+def _region_means(images, labels, train_id):
+    "Per image that has the class, the mean RGB (0-1) of its interior pixels: (images, 3)."
+    mask = _interior(labels, train_id)
+    keep = mask.any((1, 2))
+    img = images.astype(np.float64) / 255
+    return np.stack([img[i][mask[i]].mean(0) for i in np.flatnonzero(keep)])
+
+
+def test_v2_source_lighting_varies_per_image(splits, splits_v2):
+    "The same kind of scene under many lightings: the spread of per-image brightness grows well beyond v1's."
+    spread = lambda images: (images.astype(np.float64).mean((1, 2, 3)) / 255).std()
+    assert spread(splits_v2["source_train"][0]) > 1.5 * spread(splits["source_train"][0])
+
+
+def test_v2_target_sidewalks_look_like_road(splits, splits_v2):
+    "Mean colour distance between target sidewalk and road regions: far smaller in v2 (grey paving) than in v1."
+    def gap(images, labels):
+        return np.linalg.norm(_region_means(images, labels, CLASSES.index("sidewalk")).mean(0)
+                              - _region_means(images, labels, CLASSES.index("road")).mean(0))
+    assert gap(*splits_v2["target_train"]) < 0.5 * gap(*splits["target_train"])
+
+
+def test_v2_target_terrain_looks_like_vegetation_and_skies_are_greyer(splits, splits_v2):
+    "Terrain drawn towards lush grass: closer in colour to the vegetation than v1's; overcast skies: less blue than v1's."
+    terrain, vegetation, sky = (CLASSES.index(n) for n in ("terrain", "vegetation", "sky"))
+    def terrain_gap(images, labels):
+        return np.linalg.norm(_region_means(images, labels, terrain).mean(0) - _region_means(images, labels, vegetation).mean(0))
+    def blueness(images, labels):
+        m = _region_means(images, labels, sky)
+        return (m[:, 2] - m[:, 0]).mean()
+    assert terrain_gap(*splits_v2["target_train"]) < 0.7 * terrain_gap(*splits["target_train"])
+    assert blueness(*splits_v2["target_train"]) < 0.7 * blueness(*splits["target_train"])
+
+
+def test_v2_is_deterministic_and_v1_is_kept():
+    a, b = generate_split("target_val", n=20, version=2), generate_split("target_val", n=20, version=2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    v1 = generate_split("target_val", n=20, version=1)
+    assert not np.array_equal(a[0], v1[0])
+    assert SynthCity("target_val", n=5).version == 2 and SynthCity("target_val", n=5, version=1).version == 1
+    with pytest.raises(ValueError, match="data.synthcity_version"):
+        generate_split("target_val", n=5, version=3)

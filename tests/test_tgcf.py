@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, max_diff, run_cli
+from conftest import REPO, TINY_RUN, default_network, max_diff, run_cli
 from proda_nb.tgcf import (adain, channel_moments, TGCFGenerator, PatchDiscriminator, power_iteration, frozen_copy,
                            semantic_loss, lsgan_discriminator_loss, lsgan_generator_loss, load_generator, save_generator,
                            GENERATOR_FILE, TGCF)
@@ -90,7 +90,7 @@ def test_stage_steps_move_the_generator_not_the_segmenters(tmp_path):
     cfg = get_config("synthcity"); cfg.stage = "tgcf"
     cfg.optim.batch_size, cfg.data.synthcity_n, cfg.data.max_val = 4, 8, 2
     cfg.run.out, cfg.run.progress, cfg.run.tensorboard, cfg.run.ckpt_every = str(tmp_path), False, False, 0
-    torch.manual_seed(0); atomic_save({"model": SynthCityNet(num_classes=19).state_dict()}, tmp_path / "init.pt")
+    torch.manual_seed(0); atomic_save({"model": default_network().state_dict()}, tmp_path / "init.pt")
     cfg.tgcf.init, cfg.tgcf.iters = str(tmp_path / "init.pt"), 2
     tr = Trainer(cfg)
     frozen = {k: v.clone() for k, v in tr.stage.segmenter.state_dict().items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from proda_nb.train import build_parser, parse_args
-from conftest import REPO, TINY_RUN, max_diff, run_cli
+from conftest import default_network, REPO, TINY_RUN, max_diff, run_cli
 
 TINY = ["--stage", "source_only", "--schedule.iters", "6", "--run.ckpt_every", "3", "--run.log_every", "3", *TINY_RUN]
 
@@ -71,7 +71,7 @@ def test_torchrun_two_processes_match_one_process(one_process, tmp_path):
     # the comparison means something: 6 steps moved the weights well beyond the tolerance
     from proda_nb.models import build_model
     torch.manual_seed(0)                                   # the engine seeds run.seed (0) before building the model
-    init = build_model("synthcity_net").state_dict()
+    init = default_network().state_dict()
     assert b["iteration"] == 6 and max_diff(init, b["model"]) > 1e-3
 
 
