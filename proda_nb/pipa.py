@@ -418,7 +418,7 @@ register_recipe("pipa_patch", "PiPa, patch contrast only", stages=("pipa",), fam
                 published=PaperResult("PiPa's ablation: the patch term gains +1.4 over its host (a gain, not an mIoU)",
                                       PIPA_GAINS["pipa_patch"], "gain over the host, HRDA MiT-B5"))
 register_recipe("pipa", "PiPa (pixel + patch contrast)", stages=("pipa",), family=CONTRASTIVE,
-                published=PaperResult("PiPa (pixel + patch contrast)", 75.6, "HRDA, MiT-B5"))
+                published=PaperResult("PiPa (pixel + patch contrast; +3.3 over its host in the ablation)", 75.6, "HRDA, MiT-B5"))
 
 # %% ../nbs/22_pipa.ipynb #bdbac9ac
 def contrast_gains(mious:dict, host:str="dacs") -> list[dict]:
