@@ -145,13 +145,13 @@ def collect_methods(root, seeds, rows) -> dict:
 
 # %% ../nbs/24_methods.ipynb #ca5a6051
 def methods_table(results:dict) -> str:
-    "The methods table as text: mIoU mean ± std, seeds, the step's cost and peak memory, the paper's number."
-    head = f"{'method':32s} {'family':18s} {'mIoU':>13s} {'step x':>7s} {'peak MB':>8s}   published GTA5->CS"
+    "The methods table as text: mIoU mean ± std, the number of seeds, the step's cost and peak memory, the paper's number."
+    head = f"{'method':32s} {'family':18s} {'mIoU':>13s} {'seeds':>5s} {'step x':>7s} {'peak MB':>8s}   published GTA5->CS"
     lines = [f"{results['benchmark']}, seeds {results['seeds']}: target val mIoU", head, "-" * len(head)]
     for r in results["rows"]:
         ratio = "" if r["step_seconds_ratio"] is None else f"{r['step_seconds_ratio']:.2f}"
         pub = r["published"]
-        lines.append(f"{r['title']:32s} {r['family']:18s} {r['miou_mean']:6.1f} ± {r['miou_std']:4.1f} {ratio:>7s} "
+        lines.append(f"{r['title']:32s} {r['family']:18s} {r['miou_mean']:6.1f} ± {r['miou_std']:4.1f} {len(r['per_seed']):5d} {ratio:>7s} "
                      f"{r['peak_rss_mb']:8.0f}   " + (f"{pub[1]:.1f} ({pub[2]})" if pub else ""))
     return "\n".join(lines)
 
