@@ -1,6 +1,6 @@
 """Shared fixtures: the command line in a subprocess, tiny SynthCity configurations and trainers, a random initial
 checkpoint, and the comparisons the tests make (weights, directory snapshots)."""
-import hashlib, os, subprocess, sys
+import hashlib, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,22 @@ def run_cli(*args, ok=True, launcher=(sys.executable, "-m", "proda_nb.train"), t
     r = subprocess.run([*launcher, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if ok: assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
+
+
+def kill_and_resume(args, tmp_path, iters:int, timeout:float=300):
+    """Train the command line `args` uninterrupted into tmp_path/full, and again into tmp_path/killed, SIGKILLed as
+    soon as its first checkpoint exists and then resumed with --resume. Returns the two folders."""
+    full, killed = Path(tmp_path) / "full", Path(tmp_path) / "killed"
+    run_cli(*args, "--out", full)
+    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.train", *map(str, args), "--out", str(killed)], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["iteration"] < iters, \
+        "the run finished before it could be killed; make it longer"
+    run_cli(*args, "--out", killed, "--resume")
+    return full, killed
 
 
 def max_diff(a: dict, b: dict) -> float:

@@ -1,13 +1,13 @@
 """DACS (`proda_nb.dacs`): ClassMix by hand (pasted pixels carry the source label, the others the teacher's), the
 confidence weight, the weighted CE, the augmentation, the extension points, and `--stage dacs` alone, in a chain after
 source-only, after a SIGKILL, and under `--gpus 2`. (The real presets' fixture folders: tests/test_mean_teacher.py.)"""
-import json, math, os, signal, subprocess, sys, time
+import json, math
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, max_diff, run_cli
+from conftest import TINY_RUN, kill_and_resume, max_diff, run_cli
 from proda_nb.dacs import (choose_classes, class_mask, class_mix, confident_share, mix_weights, weighted_ce, dacs_augment,
                            DACS, MixedBatch)
 from proda_nb.engine import get_config, Trainer
@@ -139,15 +139,7 @@ def test_cli_in_a_chain_after_source_only(tmp_path):
 
 def test_resumes_exactly_after_a_kill(random_init, tmp_path):
     args = ["--stage", "dacs", "--dacs.init", random_init, *TINY_RUN, "--dacs.iters", "30", "--run.ckpt_every", "5"]
-    full = tmp_path / "full"; run_cli(*args, "--out", full)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.train", *map(str, args), "--out", str(killed)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
-    assert ck(killed)["iteration"] < 30, "the run finished before it could be killed; make it longer"
-    run_cli(*args, "--out", killed, "--resume")
+    full, killed = kill_and_resume(args, tmp_path, iters=30)
     a, b = ck(full), ck(killed)
     assert b["iteration"] == 30 and max_diff(a["model"], b["model"]) == 0.0
     assert max_diff(a["stage"]["state"]["ema_model"], b["stage"]["state"]["ema_model"]) == 0.0

@@ -1,13 +1,13 @@
 """Self-ensembling (`proda_nb.mean_teacher`): the consistency loss by hand, the ramp-up and the teacher's momentum,
 perturbations, the EMA teacher, translated source from a tgcf generator, the recipes, and `--stage mean_teacher` alone,
 in chains after source-only (and after tgcf), after a SIGKILL, under `--gpus 2`, and on the real presets' fixture folders."""
-import json, math, os, signal, subprocess, sys, time
+import json, math
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, max_diff, run_cli
+from conftest import TINY_RUN, kill_and_resume, max_diff, run_cli
 from proda_nb.mean_teacher import (consistency_loss, sigmoid_rampup, ema_momentum_at, gaussian_noise, feature_dropout,
                                    classifier_of, MeanTeacher)
 from proda_nb.models import SynthCityNet, DeepLab
@@ -126,15 +126,7 @@ def test_cli_in_chains_after_source_only_and_after_tgcf(tmp_path):
 def test_resumes_exactly_after_a_kill(random_init, tmp_path):
     args = ["--stage", "mean_teacher", "--mean_teacher.init", random_init, *TINY_RUN, "--mean_teacher.iters", "30",
             "--run.ckpt_every", "5"]
-    full = tmp_path / "full"; run_cli(*args, "--out", full)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.train", *map(str, args), "--out", str(killed)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
-    assert ck(killed)["iteration"] < 30, "the run finished before it could be killed; make it longer"
-    run_cli(*args, "--out", killed, "--resume")
+    full, killed = kill_and_resume(args, tmp_path, iters=30)
     a, b = ck(full), ck(killed)
     assert b["iteration"] == 30 and max_diff(a["model"], b["model"]) == 0.0
     assert max_diff(a["stage"]["state"]["ema_model"], b["stage"]["state"]["ema_model"]) == 0.0

@@ -2,14 +2,14 @@
 quality scores, a memory that keeps the highest-scored features (not the public code's lowest), the teacher's
 candidates (right and confident), the memory filled from them by a training step, the settings and the recipe, and
 `--stage memory_bank` after a SIGKILL, under `--gpus 2` and with the real presets (DeepLab-R101) on fixture folders."""
-import json, math, os, signal, subprocess, sys, time
+import json, math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, TINY_RUN, max_diff, run_cli
+from conftest import TINY_RUN, kill_and_resume, max_diff, run_cli
 from test_real_data_training import make_root
 from proda_nb.engine import get_config, get_stage, mix_seed, Trainer
 from proda_nb.memory_bank import (ClassMemory, ClassSelectors, MemoryBank, MemoryBankConfig, check_memory_bank_settings,
@@ -140,15 +140,7 @@ TINY_MEMORY = [*TINY_RUN, "--memory_bank.iters", "3", "--run.ckpt_every", "0", "
 def test_resumes_exactly_after_a_kill(random_init, tmp_path):
     args = ["--stage", "memory_bank", "--memory_bank.init", random_init, *TINY_RUN, "--memory_bank.iters", "30",
             "--run.ckpt_every", "5", "--memory_bank.memory_threshold", "0"]
-    full = tmp_path / "full"; run_cli(*args, "--out", full)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.train", *map(str, args), "--out", str(killed)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
-    assert ck(killed)["iteration"] < 30, "the run finished before it could be killed; make it longer"
-    run_cli(*args, "--out", killed, "--resume")
+    full, killed = kill_and_resume(args, tmp_path, iters=30)
     a, b = ck(full), ck(killed)
     assert b["iteration"] == 30 and max_diff(a["model"], b["model"]) == 0.0
     sa, sb = a["stage"]["state"], b["stage"]["state"]

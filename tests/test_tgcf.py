@@ -1,13 +1,13 @@
 """TGCF-DA (`proda_nb.tgcf`): AdaIN by hand, the generator and the spectral-normalised discriminator, the semantic
 constraint leaving the frozen segmenter alone, the generator file, and `--stage tgcf` alone, in a chain after
 source-only, after a SIGKILL (resumed to identical weights), under `--gpus 2`, and on the real presets' fixture folders."""
-import math, os, signal, subprocess, sys, time
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_RUN, default_network, max_diff, run_cli
+from conftest import TINY_RUN, default_network, kill_and_resume, max_diff, run_cli
 from proda_nb.tgcf import (adain, channel_moments, TGCFGenerator, PatchDiscriminator, power_iteration, frozen_copy,
                            semantic_loss, lsgan_discriminator_loss, lsgan_generator_loss, load_generator, save_generator,
                            GENERATOR_FILE, TGCF)
@@ -146,15 +146,7 @@ def test_cli_in_a_chain_after_source_only(tmp_path):
 def test_resumes_exactly_after_a_kill(random_init, tmp_path):
     args = ["--stage", "tgcf", "--tgcf.init", random_init, "--tgcf.width", "8", *TINY_RUN, "--tgcf.iters", "30",
             "--run.ckpt_every", "5"]
-    full = tmp_path / "full"; run_cli(*args, "--out", full)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.train", *map(str, args), "--out", str(killed)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL); proc.wait()
-    assert ck(killed)["iteration"] < 30, "the run finished before it could be killed; make it longer"
-    run_cli(*args, "--out", killed, "--resume")
+    full, killed = kill_and_resume(args, tmp_path, iters=30)
     a, b = ck(full)["stage"]["state"], ck(killed)["stage"]["state"]
     assert ck(killed)["iteration"] == 30
     for key in ("generator", "discriminator"): assert max_diff(a[key], b[key]) == 0.0, key
