@@ -4,12 +4,13 @@
 
 # %% ../nbs/24_methods.ipynb #55328df3
 from __future__ import annotations
-import argparse, json, math, os, resource, statistics, subprocess, sys, time
+import argparse, json, math, os, resource, socket, statistics, subprocess, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'method_rows',
-           'run_methods', 'collect_methods', 'methods_table', 'plot_methods', 'base_config', 'main']
+__all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'claim_row',
+           'release_row', 'method_rows', 'run_methods', 'collect_methods', 'methods_table', 'plot_methods',
+           'base_config', 'main']
 
 # %% ../nbs/24_methods.ipynb #66f1dbae
 import numpy as np
@@ -89,6 +90,35 @@ def run_row(name:str, seed:int, root, base:Config) -> dict:
     (folder / "row.json").write_text(json.dumps(row, indent=1))
     return row
 
+# %% ../nbs/24_methods.ipynb #24lock02
+def _alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def claim_row(folder) -> str | None:
+    "Claim the row in `folder` for this process: None if claimed, else who holds it ('host pid N')."
+    lock = Path(folder) / "row.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} pid {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            host, _, pid = holder.rpartition(" pid ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True); continue        # stale: its process died on this host
+            return holder or "another process"
+        with os.fdopen(fd, "w") as f: f.write(me)
+        return None
+    return "another process"
+
+def release_row(folder):
+    "Remove this process's claim on the row in `folder`."
+    (Path(folder) / "row.lock").unlink(missing_ok=True)
+
 # %% ../nbs/24_methods.ipynb #06610af9
 ROW_ORDER = ["source_only", "adabn", "adaptsegnet", "dann", "st", "cbst", "cbst_sp", "proda_stage1", "proda",
              "se", "tgcf", "tgcf_se", "dacs", "pipa_pixel", "pipa_patch", "pipa", "memory_bank", "oracle"]
@@ -103,18 +133,24 @@ def method_rows(rows=None) -> list[str]:
     return [r for r in ROW_ORDER if r in RECIPES] + [r for r in RECIPES if r not in ROW_ORDER]
 
 def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict:
-    "Train every missing row of every seed under `root` (each in a fresh process), then write and return methods.json."
+    "Train every missing, unclaimed row of every seed under `root` (each in a fresh process), then write and return methods.json of the finished rows."
     root, names = Path(root), method_rows(rows)
     names = ["source_only"] + [n for n in names if n != "source_only"]
     check_root_config(root, base_config(options))          # every row of a root comes from one benchmark
     for seed in seeds:
         for name in names:
-            if (root / f"seed{seed}" / name / "row.json").is_file(): continue
+            folder = root / f"seed{seed}" / name
+            if (folder / "row.json").is_file(): continue
+            if (holder := claim_row(folder)) is not None:
+                if log: log(f"seed {seed} {name}: being trained by {holder}, left to it")
+                if name == "source_only": break                 # the seed's other rows start from it
+                continue
             cmd = [sys.executable, "-m", "proda_nb.methods", "--row", name, "--seed", str(seed), "--out", str(root),
                    *[a for o in options for a in ("--set", o)]]
             t0 = time.time()
             env = {**os.environ, "SYNTHCITY_CACHE": os.environ.get("SYNTHCITY_CACHE", str(root / "cache"))}   # generated once
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            try: r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            finally: release_row(folder)
             if r.returncode: raise RuntimeError(f"row {name}, seed {seed} failed:\n{r.stderr[-3000:]}")
             if log: log(f"seed {seed} {name}: {time.time() - t0:.0f} s")
     results = collect_methods(root, seeds, names)

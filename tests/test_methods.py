@@ -1,6 +1,6 @@
 """The methods table: rows run in their own processes from the seed's shared source-only model, methods.json's schema,
-the cost ratio measured against source-only, finished rows skipped on a second run."""
-import json, sys
+the cost ratio measured against source-only, finished rows skipped on a second run, rows claimed by a live process left to it."""
+import json, os, socket, subprocess, sys
 
 from conftest import run_cli
 
@@ -28,3 +28,19 @@ def test_methods_table_runs_skips_and_reports(tmp_path):
     before = {p: p.stat().st_mtime for p in out.rglob("row.json")}
     run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))                         # everything finished: skipped
     assert {p: p.stat().st_mtime for p in out.rglob("row.json")} == before
+
+
+def test_methods_rows_claimed_by_a_live_process_are_left_to_it(tmp_path):
+    out = tmp_path / "methods"
+    args = ["--out", out, "--seeds", "0", "--rows", "adabn", *TINY]
+    run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    host = socket.gethostname()
+    (out / "seed0" / "adabn" / "row.json").unlink()
+    (out / "seed0" / "adabn" / "row.lock").write_text(f"{host} pid {os.getpid()}")   # this live test process
+    r = run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    assert "adabn: being trained by" in r.stdout and not (out / "seed0" / "adabn" / "row.json").exists()
+    assert [row["name"] for row in json.loads((out / "methods.json").read_text())["rows"]] == ["source_only"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"]); dead.wait()
+    (out / "seed0" / "adabn" / "row.lock").write_text(f"{host} pid {dead.pid}")                 # its process died: stale
+    run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    assert (out / "seed0" / "adabn" / "row.json").is_file() and not (out / "seed0" / "adabn" / "row.lock").exists()
