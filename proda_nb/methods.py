@@ -4,23 +4,24 @@
 
 # %% ../nbs/24_methods.ipynb #55328df3
 from __future__ import annotations
-import argparse, json, math, os, resource, socket, statistics, subprocess, sys, time
+import argparse, copy, json, math, os, resource, shutil, socket, statistics, subprocess, sys, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'claim_row',
-           'release_row', 'method_rows', 'run_methods', 'collect_methods', 'methods_table', 'plot_methods',
-           'base_config', 'main']
+__all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'row_config',
+           'stage_settings_of', 'shared_prefix', 'adopt_stages', 'claim_row', 'release_row', 'method_rows',
+           'run_methods', 'collect_methods', 'methods_table', 'plot_methods', 'base_config', 'main']
 
 # %% ../nbs/24_methods.ipynb #66f1dbae
 import numpy as np
 import torch
 
 # %% ../nbs/24_methods.ipynb #c9cfd243
-from .engine import Config, PaperResult, get_config, set_option, build_datasets, evaluate, headline_miou
+from .engine import Config, PaperResult, get_config, set_option, config_to_dict, stage_names, build_datasets, evaluate, headline_miou
 from .data import dataset_from_config, discover_plugins
 from .models import adapt_batchnorm, network_from_checkpoint
-from .pipeline import RECIPES, Recipe, get_recipe, recipe_config, register_recipe, run_pipeline
+from .pipeline import (RECIPES, Recipe, get_recipe, recipe_config, register_recipe, run_pipeline,
+                               stage_config, load_results)
 from .ablation import check_root_config
 
 # %% ../nbs/24_methods.ipynb #d0a854ae
@@ -71,10 +72,7 @@ def mean_step_seconds(folder) -> tuple[float, int]:
 def run_row(name:str, seed:int, root, base:Config) -> dict:
     "Train row `name` for `seed` under `root` in this process; write and return its row.json."
     recipe, seed_root = get_recipe(name), Path(root) / f"seed{seed}"
-    folder = seed_root / name
-    cfg = recipe_config(recipe, base, folder, None if name == "source_only" else source_checkpoint(root, seed)) \
-        if recipe.stages else base
-    cfg.run.seed, cfg.run.progress = seed, False
+    folder, cfg = seed_root / name, row_config(name, seed, root, base)
     t0 = time.time()
     if recipe.run is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,13 +80,59 @@ def run_row(name:str, seed:int, root, base:Config) -> dict:
     else:
         if name != "source_only" and not source_checkpoint(root, seed).is_file():
             raise FileNotFoundError(f"row {name}: the seed's source-only model {source_checkpoint(root, seed)} is missing (run the source_only row first)")
+        shared = None if (folder / "results.json").is_file() else shared_prefix(name, seed, root, base)
+        if shared: adopt_stages(*shared, folder)
         metrics = run_pipeline(cfg, resume=True, plots=False, log=None)["stages"][-1]
     step, steps = mean_step_seconds(folder)
     row = {"name": name, "seed": seed, "miou": float(metrics["miou"]), "seconds": round(time.time() - t0, 2),
            "step_seconds": step, "steps": steps,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if (folder / "shared.json").is_file(): row["shared_from"] = json.loads((folder / "shared.json").read_text())["from"]
     (folder / "row.json").write_text(json.dumps(row, indent=1))
     return row
+
+# %% ../nbs/24_methods.ipynb #24shar02
+def row_config(name:str, seed:int, root, base:Config) -> Config:
+    "The configuration row `name` of `seed` trains with under `root/seed<seed>/<name>`."
+    recipe, folder = get_recipe(name), Path(root) / f"seed{seed}" / name
+    cfg = recipe_config(recipe, base, folder, None if name == "source_only" else source_checkpoint(root, seed)) \
+        if recipe.stages else copy.deepcopy(base)
+    cfg.run.seed, cfg.run.progress = seed, False
+    return cfg
+
+def stage_settings_of(cfg:Config, name:str, previous:str|None) -> dict:
+    "What stage `name` of the chain in `cfg` trains with: its section and the shared ones, its folders written as '<row>'."
+    row = cfg.run.out
+    c = config_to_dict(stage_config(cfg, name, row, previous))
+    d = json.loads(json.dumps(c).replace(json.dumps(row)[1:-1] + "/", "<row>/"))
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("out", "pipeline")}
+    return {k: v for k, v in d.items() if k == name or k not in stage_names()}
+
+def shared_prefix(name:str, seed:int, root, base:Config) -> tuple[Path, int] | None:
+    "The finished row of the same seed that trained row `name`'s first stages with the same settings: (its folder, how many)."
+    recipe, best = get_recipe(name), None
+    mine = row_config(name, seed, root, base)
+    for other in list(RECIPES.values()):
+        donor = Path(root) / f"seed{seed}" / other.name
+        if other.name == name or not other.stages or not (donor / "row.json").is_file(): continue
+        done, theirs, k = [s["name"] for s in load_results(donor)["stages"]], row_config(other.name, seed, root, base), 0
+        while (k < min(len(recipe.stages) - 1, len(other.stages)) and recipe.stages[k] == other.stages[k] == done[k]
+               and stage_settings_of(mine, recipe.stages[k], recipe.stages[k - 1] if k else None)
+                == stage_settings_of(theirs, other.stages[k], other.stages[k - 1] if k else None)):
+            k += 1
+        if k and (best is None or k > best[1]): best = (donor, k)
+    return best
+
+def adopt_stages(donor, k:int, folder):
+    "Copy the first `k` stage folders of the finished row `donor` into `folder`; its results.json starts with their rows, shared.json says whose."
+    donor, folder = Path(donor), Path(folder)
+    done = load_results(donor)
+    for s in done["stages"][:k]:
+        shutil.copytree(donor / s["name"], folder / s["name"], dirs_exist_ok=True)
+    results = {**done, "stages": done["stages"][:k]}
+    results["total_seconds"] = round(sum(s["seconds"] for s in results["stages"]), 2)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    (folder / "shared.json").write_text(json.dumps({"from": donor.name, "stages": [s["name"] for s in results["stages"]]}))
 
 # %% ../nbs/24_methods.ipynb #24lock02
 def _alive(pid:int) -> bool:

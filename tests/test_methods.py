@@ -44,3 +44,17 @@ def test_methods_rows_claimed_by_a_live_process_are_left_to_it(tmp_path):
     (out / "seed0" / "adabn" / "row.lock").write_text(f"{host} pid {dead.pid}")                 # its process died: stale
     run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))
     assert (out / "seed0" / "adabn" / "row.json").is_file() and not (out / "seed0" / "adabn" / "row.lock").exists()
+
+
+def test_a_row_that_begins_with_a_finished_row_starts_from_its_stages(tmp_path):
+    "proda after proda_stage1 copies its warm-up and stage 1 and ends with the weights proda trained alone ends with."
+    import torch
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    run_cli("--out", shared, "--seeds", "0", "--rows", "proda_stage1,proda", *TINY, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    run_cli("--out", alone, "--seeds", "0", "--rows", "proda", *TINY, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    row = json.loads((shared / "seed0" / "proda" / "row.json").read_text())
+    assert row["shared_from"] == "proda_stage1" and "shared_from" not in json.loads((alone / "seed0" / "proda" / "row.json").read_text())
+    assert json.loads((shared / "seed0" / "proda" / "shared.json").read_text())["stages"] == ["warmup", "stage1"]
+    a, b = (torch.load(r / "seed0" / "proda" / "stage3" / "checkpoint.pt", weights_only=True)["model"] for r in (shared, alone))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert row["steps"] == json.loads((alone / "seed0" / "proda" / "row.json").read_text())["steps"]   # the copied stages' steps count
