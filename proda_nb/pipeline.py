@@ -4,21 +4,21 @@
 
 # %% ../nbs/15_pipeline.ipynb #279389af
 from __future__ import annotations
-import copy, json, os, time
+import copy, json, os, shutil, time
 from pathlib import Path
 from typing import NamedTuple
 
 # %% auto #0
 __all__ = ['RECIPES', 'pipeline_stages', 'stage_config', 'benchmark_name', 'stage_title', 'results_table', 'load_results',
            'run_pipeline', 'plot_per_class_iou', 'plot_predictions', 'Recipe', 'register_recipe', 'get_recipe',
-           'recipe_config']
+           'recipe_config', 'train_once']
 
 # %% ../nbs/15_pipeline.ipynb #66f1dbae
 import numpy as np
 import torch
 
 # %% ../nbs/15_pipeline.ipynb #643c14e7
-from .engine import (Config, Trainer, get_stage, stage_names, stage_settings, stage_init, pipeline_names,
+from .engine import (Config, Trainer, get_config, get_stage, stage_names, stage_settings, stage_init, pipeline_names,
                              init_distributed, build_datasets, headline_classes, headline_indices, barrier, set_option)
 from .data import discover_plugins
 from .models import network_from_checkpoint
@@ -220,3 +220,18 @@ def recipe_config(recipe:Recipe, base:Config, root, source_checkpoint=None) -> C
     if source_checkpoint is not None and first != "source_only" and get_stage(first).init != "none":
         stage_settings(cfg, first).init = str(source_checkpoint)
     return cfg
+
+# %% ../nbs/15_pipeline.ipynb #15once02
+def train_once(out, stage:str="source_only", preset:str="synthcity", **options) -> Path:
+    "Train `stage` of `preset` with the dotted `options` into `out`, unless the same request finished there; its checkpoint."
+    out = Path(out)
+    request = {"stage": stage, "preset": preset, "options": {k: str(v) for k, v in options.items()}}
+    marker, ckpt = out / "train_once.json", out / "checkpoint.pt"
+    if (out / "metrics.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == request: return ckpt
+    resume = marker.is_file() and json.loads(marker.read_text()) == request and ckpt.is_file()
+    if not resume and out.exists(): shutil.rmtree(out)              # another request's run: not ours to reuse
+    cfg = get_config(preset); cfg.stage, cfg.run.out, cfg.run.progress = stage, str(out), False
+    for k, v in request["options"].items(): set_option(cfg, k, v)
+    out.mkdir(parents=True, exist_ok=True); marker.write_text(json.dumps(request))
+    Trainer(cfg).fit(resume=ckpt if resume else None)
+    return ckpt
