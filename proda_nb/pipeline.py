@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy, json, os, shutil, time
 from pathlib import Path
 from typing import NamedTuple
+try: import fcntl
+except ImportError: fcntl = None                # (not on Windows: no waiting for another process there)
 
 # %% auto #0
 __all__ = ['RECIPES', 'pipeline_stages', 'stage_config', 'benchmark_name', 'stage_title', 'results_table', 'load_results',
@@ -227,11 +229,14 @@ def train_once(out, stage:str="source_only", preset:str="synthcity", **options) 
     out = Path(out)
     request = {"stage": stage, "preset": preset, "options": {k: str(v) for k, v in options.items()}}
     marker, ckpt = out / "train_once.json", out / "checkpoint.pt"
-    if (out / "metrics.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == request: return ckpt
-    resume = marker.is_file() and json.loads(marker.read_text()) == request and ckpt.is_file()
-    if not resume and out.exists(): shutil.rmtree(out)              # another request's run: not ours to reuse
-    cfg = get_config(preset); cfg.stage, cfg.run.out, cfg.run.progress = stage, str(out), False
-    for k, v in request["options"].items(): set_option(cfg, k, v)
-    out.mkdir(parents=True, exist_ok=True); marker.write_text(json.dumps(request))
-    Trainer(cfg).fit(resume=ckpt if resume else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        if fcntl: fcntl.flock(lock, fcntl.LOCK_EX)                   # another process training this folder: wait for it
+        ours = marker.is_file() and json.loads(marker.read_text()) == request
+        if ours and (out / "metrics.json").is_file(): return ckpt
+        if not ours and out.exists(): shutil.rmtree(out)              # another request's run: not ours to reuse
+        cfg = get_config(preset); cfg.stage, cfg.run.out, cfg.run.progress = stage, str(out), False
+        for k, v in request["options"].items(): set_option(cfg, k, v)
+        out.mkdir(parents=True, exist_ok=True); marker.write_text(json.dumps(request))
+        Trainer(cfg).fit(resume=ckpt if ours and ckpt.is_file() else None)
     return ckpt
