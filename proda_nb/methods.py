@@ -4,20 +4,21 @@
 
 # %% ../nbs/24_methods.ipynb #55328df3
 from __future__ import annotations
-import argparse, copy, json, math, os, resource, shutil, socket, statistics, subprocess, sys, time
+import argparse, copy, json, math, os, resource, shutil, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'row_config',
            'stage_settings_of', 'shared_prefix', 'adopt_stages', 'claim_row', 'release_row', 'method_rows',
-           'run_methods', 'collect_methods', 'methods_table', 'plot_methods', 'base_config', 'main']
+           'run_methods', 'collect_methods', 'stage_steps', 'row_costs', 'measure_step_costs', 'methods_table',
+           'plot_methods', 'base_config', 'main']
 
 # %% ../nbs/24_methods.ipynb #66f1dbae
 import numpy as np
 import torch
 
 # %% ../nbs/24_methods.ipynb #c9cfd243
-from .engine import Config, PaperResult, get_config, set_option, config_to_dict, stage_names, build_datasets, evaluate, headline_miou
+from .engine import Config, Trainer, PaperResult, get_config, set_option, config_to_dict, stage_names, build_datasets, evaluate, headline_miou
 from .data import dataset_from_config, discover_plugins
 from .models import adapt_batchnorm, network_from_checkpoint
 from .pipeline import (RECIPES, Recipe, get_recipe, recipe_config, register_recipe, run_pipeline,
@@ -202,8 +203,9 @@ def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict
     return results
 
 def collect_methods(root, seeds, rows) -> dict:
-    "methods.json's dict from the finished rows under `root`."
+    "methods.json's dict from the finished rows under `root`; the cost from `root/cost.json` when it was measured."
     root, out = Path(root), []
+    measured = json.loads((root / "cost.json").read_text()) if (root / "cost.json").is_file() else None
     for name in rows:
         recipe = get_recipe(name)
         runs = {s: json.loads((root / f"seed{s}" / name / "row.json").read_text()) for s in seeds
@@ -218,10 +220,55 @@ def collect_methods(root, seeds, rows) -> dict:
         out.append({"name": name, "title": recipe.title, "family": recipe.family,
                     "miou_mean": statistics.mean(mious), "miou_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
                     "per_seed": {str(s): r["miou"] for s, r in runs.items()},
-                    "step_seconds_ratio": statistics.mean(ratios) if ratios else None,
+                    "step_seconds_ratio": (measured["ratio"].get(name) if measured else statistics.mean(ratios) if ratios else None),
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in runs.values()),
                     "published": list(recipe.published) if recipe.published else None})
-    return {"benchmark": "synthcity", "seeds": list(seeds), "rows": out}
+    cost = ({"how": "measured in one run", **{k: measured[k] for k in ("seed", "steps", "rounds")}} if measured
+            else {"how": "from each row's own logs, over seeds"})
+    return {"benchmark": "synthcity", "seeds": list(seeds), "rows": out, "cost": cost}
+
+# %% ../nbs/24_methods.ipynb #24cost02
+def stage_steps(folder) -> int:
+    "The training steps the finished stage in `folder` logged."
+    logs = [json.loads(l) for l in (Path(folder) / "log.jsonl").read_text().splitlines()]
+    return max((r.get("iteration", 0) for r in logs), default=0)
+
+def row_costs(stage_seconds:list, row_stages:dict) -> dict:
+    "Each row's seconds per step: its stages' `stage_seconds` (by index) weighted by their steps ([(index, steps)])."
+    return {name: sum(stage_seconds[j] * n for j, n in st) / sum(n for _, n in st) for name, st in row_stages.items()}
+
+# %% ../nbs/24_methods.ipynb #24cost04
+def measure_step_costs(root, seed:int=0, rows=None, base:Config|None=None, steps:int=8, rounds:int=2, log=print) -> dict:
+    """Seconds per training step of every finished row of `seed` under `root`, measured in this process: each distinct
+    stage `rounds` times in turn, `steps` timed steps each from the row's own starting checkpoints."""
+    root, base = Path(root), base or base_config()
+    names = ["source_only"] + [n for n in method_rows(rows) if n != "source_only"]              # the cost's unit first
+    names = [n for n in names if get_recipe(n).stages and (root / f"seed{seed}" / n / "row.json").is_file()]
+    jobs, keys, row_stages = [], {}, {}
+    for name in names:
+        cfg, stages = row_config(name, seed, root, base), get_recipe(name).stages
+        row_stages[name] = []
+        for i, stage in enumerate(stages):
+            previous = stages[i - 1] if i else None
+            key = (stage, json.dumps(stage_settings_of(cfg, stage, previous), sort_keys=True, default=str))
+            if key not in keys: keys[key] = len(jobs); jobs.append((f"{name}/{stage}", stage_config(cfg, stage, cfg.run.out, previous)))
+            row_stages[name].append((keys[key], stage_steps(Path(cfg.run.out) / stage)))
+    times, cache = [[] for _ in jobs], {}
+    with tempfile.TemporaryDirectory(prefix="proda_nb_cost_") as tmp:
+        for r in range(rounds):
+            for j, (what, c) in enumerate(jobs):
+                c = copy.deepcopy(c); c.run.out = f"{tmp}/{r}_{j}"
+                c.run.stop_after, c.run.log_every, c.run.ckpt_every, c.run.eval_every = steps + 2, 1, 0, 0
+                c.run.tensorboard, c.run.progress = False, False
+                Trainer(c, dataset_cache=cache).fit()
+                secs = [x["sec_per_iter"] for x in map(json.loads, open(f"{tmp}/{r}_{j}/log.jsonl")) if "sec_per_iter" in x]
+                times[j].append(statistics.median(secs[2:] or secs))          # (a stage shorter than that: all of it)
+                if log: log(f"round {r + 1}/{rounds} {what}: {times[j][-1]:.3f} s/step")
+    step = [statistics.median(t) for t in times]
+    cost = row_costs(step, row_stages)
+    src = cost.get("source_only")
+    return {"seed": seed, "steps": steps, "rounds": rounds, "stages": {what: s for (what, _), s in zip(jobs, step)},
+            "step_seconds": cost, "ratio": {n: c / src for n, c in cost.items()} if src else {}}
 
 # %% ../nbs/24_methods.ipynb #ca5a6051
 def methods_table(results:dict) -> str:
@@ -265,6 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rows", default="", help="comma-separated recipes (default: every registered one)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="change every row's base configuration")
+    p.add_argument("--cost", action="store_true", help="then measure every finished row's step cost in one run (cost.json)")
+    p.add_argument("--cost-steps", type=int, default=8, help="timed steps per stage and round (default 8)")
+    p.add_argument("--cost-rounds", type=int, default=2, help="rounds over every stage (default 2)")
     p.add_argument("--row", help=argparse.SUPPRESS); p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -272,6 +322,11 @@ def main(argv=None) -> int:
             run_row(args.row, args.seed, args.out, base_config(args.set)); return 0
         rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
         results = run_methods(args.out, args.seeds, rows, args.set)
+        if args.cost:
+            cost = measure_step_costs(args.out, args.seeds[0], rows, base_config(args.set), args.cost_steps, args.cost_rounds)
+            (Path(args.out) / "cost.json").write_text(json.dumps(cost, indent=1))
+            results = collect_methods(args.out, args.seeds, [r["name"] for r in results["rows"]])
+            (Path(args.out) / "methods.json").write_text(json.dumps(results, indent=1))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
     print(methods_table(results))

@@ -13,7 +13,7 @@ def test_methods_table_runs_skips_and_reports(tmp_path):
     args = ["--out", out, "--seeds", "0", "1", "--rows", "adabn,adaptsegnet", *TINY]
     r = run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))
     res = json.loads((out / "methods.json").read_text())
-    assert set(res) == {"benchmark", "seeds", "rows"} and res["seeds"] == [0, 1]
+    assert set(res) == {"benchmark", "seeds", "rows", "cost"} and res["seeds"] == [0, 1]
     assert [row["name"] for row in res["rows"]] == ["source_only", "adabn", "adaptsegnet"]    # source-only: always, first
     for row in res["rows"]:
         assert {"name", "miou_mean", "miou_std", "per_seed", "step_seconds_ratio", "peak_rss_mb"} <= set(row)
@@ -26,8 +26,13 @@ def test_methods_table_runs_skips_and_reports(tmp_path):
     ck = json.loads((out / "seed0" / "adaptsegnet" / "warmup" / "config.json").read_text())
     assert ck["warmup"]["init"] == str(out / "seed0" / "source_only" / "source_only" / "checkpoint.pt")
     before = {p: p.stat().st_mtime for p in out.rglob("row.json")}
-    run_cli(*args, launcher=(sys.executable, "-m", "proda_nb.methods"))                         # everything finished: skipped
-    assert {p: p.stat().st_mtime for p in out.rglob("row.json")} == before
+    run_cli(*args, "--cost", "--cost-steps", "1", "--cost-rounds", "1", launcher=(sys.executable, "-m", "proda_nb.methods"))
+    assert {p: p.stat().st_mtime for p in out.rglob("row.json")} == before                      # everything finished: skipped
+    cost, res = json.loads((out / "cost.json").read_text()), json.loads((out / "methods.json").read_text())
+    assert set(cost["ratio"]) == {"source_only", "adaptsegnet"} and cost["ratio"]["source_only"] == 1.0
+    assert cost["ratio"]["adaptsegnet"] > 1.0                 # measured in one run: the warm-up step still costs more
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["adaptsegnet"]["step_seconds_ratio"] == cost["ratio"]["adaptsegnet"] and res["cost"]["how"] == "measured in one run"
 
 
 def test_methods_rows_claimed_by_a_live_process_are_left_to_it(tmp_path):
