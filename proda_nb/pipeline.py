@@ -235,7 +235,7 @@ def train_once(out, stage:str="source_only", preset:str="synthcity", **options) 
         ours = marker.is_file() and json.loads(marker.read_text()) == request
         if ours and (out / "metrics.json").is_file(): return ckpt
         if not ours and out.exists(): shutil.rmtree(out)              # another request's run: not ours to reuse
-        cfg = get_config(preset); cfg.stage, cfg.run.out, cfg.run.progress = stage, str(out), False
+        cfg = get_config(preset); cfg.stage, cfg.run.out, cfg.run.progress, cfg.run.tensorboard = stage, str(out), False, False
         for k, v in request["options"].items(): set_option(cfg, k, v)
         out.mkdir(parents=True, exist_ok=True); marker.write_text(json.dumps(request))
         Trainer(cfg).fit(resume=ckpt if ours and ckpt.is_file() else None)
