@@ -186,9 +186,15 @@ def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict
         for name in names:
             folder = root / f"seed{seed}" / name
             if (folder / "row.json").is_file(): continue
-            if (holder := claim_row(folder)) is not None:
+            holder = claim_row(folder)
+            if holder is not None and name == "source_only" and log: log(f"seed {seed} source_only: being trained by {holder}, waiting for it")
+            while holder is not None and name == "source_only" and not (folder / "row.json").is_file():
+                time.sleep(5); holder = claim_row(folder)       # the seed's other rows start from it
+            if (folder / "row.json").is_file():                 # finished meanwhile
+                if holder is None: release_row(folder)
+                continue
+            if holder is not None:
                 if log: log(f"seed {seed} {name}: being trained by {holder}, left to it")
-                if name == "source_only": break                 # the seed's other rows start from it
                 continue
             cmd = [sys.executable, "-m", "proda_nb.methods", "--row", name, "--seed", str(seed), "--out", str(root),
                    *[a for o in options for a in ("--set", o)]]
@@ -273,12 +279,13 @@ def measure_step_costs(root, seed:int=0, rows=None, base:Config|None=None, steps
 # %% ../nbs/24_methods.ipynb #ca5a6051
 def methods_table(results:dict) -> str:
     "The methods table as text: mIoU mean ± std, the number of seeds, the step's cost and peak memory, the paper's number."
-    head = f"{'method':32s} {'family':18s} {'mIoU':>13s} {'seeds':>5s} {'step x':>7s} {'peak MB':>8s}   published GTA5->CS"
+    w = max([len("method")] + [len(r["title"]) for r in results["rows"]])
+    head = f"{'method':{w}s} {'family':18s} {'mIoU':>13s} {'seeds':>5s} {'step x':>7s} {'peak MB':>8s}   published GTA5->CS"
     lines = [f"{results['benchmark']}, seeds {results['seeds']}: target val mIoU", head, "-" * len(head)]
     for r in results["rows"]:
         ratio = "" if r["step_seconds_ratio"] is None else f"{r['step_seconds_ratio']:.2f}"
         pub = r["published"]
-        lines.append(f"{r['title']:32s} {r['family']:18s} {r['miou_mean']:6.1f} ± {r['miou_std']:4.1f} {len(r['per_seed']):5d} {ratio:>7s} "
+        lines.append(f"{r['title']:{w}s} {r['family']:18s} {r['miou_mean']:6.1f} ± {r['miou_std']:4.1f} {len(r['per_seed']):5d} {ratio:>7s} "
                      f"{r['peak_rss_mb']:8.0f}   " + (f"{pub[1]:.1f} ({pub[2]})" if pub else ""))
     return "\n".join(lines)
 
