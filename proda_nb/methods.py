@@ -294,13 +294,20 @@ def plot_methods(results:dict, ax=None):
     ax = ax or plt.subplots(figsize=(7, 4.2))[1]
     colours = {"gap minimisation": "tab:blue", "pseudo labels": "tab:green", "teacher-student": "tab:orange",
                "contrastive": "tab:purple"}
-    for r in results["rows"]:
-        if r["family"] == BOUNDS or r["step_seconds_ratio"] is None:
-            ax.axhline(r["miou_mean"], color="grey", ls=":", lw=1); ax.text(ax.get_xlim()[0], r["miou_mean"], " " + r["title"], fontsize=7, va="bottom", color="grey")
-            continue
+    points = [r for r in results["rows"] if r["family"] != BOUNDS and r["step_seconds_ratio"] is not None]
+    for r in points:
         ax.errorbar(r["step_seconds_ratio"], r["miou_mean"], yerr=r["miou_std"], fmt="o", color=colours.get(r["family"], "k"), capsize=3)
-        ax.annotate(r["title"], (r["step_seconds_ratio"], r["miou_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("seconds per training step / source-only's"); ax.set_ylabel("target mIoU (%)")
+        ax.annotate(r["name"], (r["step_seconds_ratio"], r["miou_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    left = min([r["step_seconds_ratio"] for r in points] + [1.0])
+    for r in results["rows"]:
+        if r in points: continue
+        ax.axhline(r["miou_mean"], color="grey", ls=":", lw=1); ax.text(left, r["miou_mean"], " " + r["title"], fontsize=7, va="bottom", color="grey")
+    ax.set_xscale("log"); ax.set_xlabel("seconds per training step / source-only's (log scale)"); ax.set_ylabel("target mIoU (%)")
+    for family, colour in colours.items(): ax.plot([], [], "o", color=colour, label=family)
+    ax.legend(fontsize=7, loc="lower right")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    ax.xaxis.set_major_locator(FixedLocator([1, 1.5, 2, 3, 4, 6, 8, 12, 16]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}")); ax.xaxis.set_minor_formatter(NullFormatter())
     return ax
 
 # %% ../nbs/24_methods.ipynb #38ea31cc
