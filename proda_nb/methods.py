@@ -9,9 +9,9 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'row_config',
-           'stage_settings_of', 'shared_prefix', 'adopt_stages', 'claim_row', 'release_row', 'method_rows',
-           'run_methods', 'collect_methods', 'stage_steps', 'row_costs', 'measure_step_costs', 'methods_table',
-           'plot_methods', 'base_config', 'main']
+           'stage_settings_of', 'row_stage_settings', 'common_stages', 'shared_prefix', 'row_needs', 'adopt_stages',
+           'holder_of', 'claim_row', 'release_row', 'method_rows', 'next_row', 'run_methods', 'collect_methods',
+           'stage_steps', 'row_costs', 'measure_step_costs', 'methods_table', 'plot_methods', 'base_config', 'main']
 
 # %% ../nbs/24_methods.ipynb #66f1dbae
 import numpy as np
@@ -109,20 +109,41 @@ def stage_settings_of(cfg:Config, name:str, previous:str|None) -> dict:
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("out", "pipeline")}
     return {k: v for k, v in d.items() if k == name or k not in stage_names()}
 
+_SETTINGS = {}
+def row_stage_settings(name:str, seed:int, root, base:Config) -> list[dict]:
+    "`stage_settings_of` for each stage of row `name`, in order (computed once per row, seed, root and base)."
+    key = (name, repr(get_recipe(name)), seed, str(root), json.dumps(config_to_dict(base), sort_keys=True, default=str))
+    if key not in _SETTINGS:
+        cfg, stages = row_config(name, seed, root, base), get_recipe(name).stages
+        _SETTINGS[key] = [stage_settings_of(cfg, s, stages[i - 1] if i else None) for i, s in enumerate(stages)]
+    return _SETTINGS[key]
+
+def common_stages(name:str, other:str, seed:int, root, base:Config) -> int:
+    "How many first stages row `name` trains as row `other` does: the same stage with the same settings (never `name`'s last)."
+    mine, theirs = get_recipe(name).stages, get_recipe(other).stages
+    if name == other or not mine or not theirs: return 0
+    a, b, k = row_stage_settings(name, seed, root, base), row_stage_settings(other, seed, root, base), 0
+    while k < min(len(mine) - 1, len(theirs)) and mine[k] == theirs[k] and a[k] == b[k]: k += 1
+    return k
+
 def shared_prefix(name:str, seed:int, root, base:Config) -> tuple[Path, int] | None:
     "The finished row of the same seed that trained row `name`'s first stages with the same settings: (its folder, how many)."
-    recipe, best = get_recipe(name), None
-    mine = row_config(name, seed, root, base)
-    for other in list(RECIPES.values()):
-        donor = Path(root) / f"seed{seed}" / other.name
-        if other.name == name or not other.stages or not (donor / "row.json").is_file(): continue
-        done, theirs, k = [s["name"] for s in load_results(donor)["stages"]], row_config(other.name, seed, root, base), 0
-        while (k < min(len(recipe.stages) - 1, len(other.stages)) and recipe.stages[k] == other.stages[k] == done[k]
-               and stage_settings_of(mine, recipe.stages[k], recipe.stages[k - 1] if k else None)
-                == stage_settings_of(theirs, other.stages[k], other.stages[k - 1] if k else None)):
-            k += 1
+    best = None
+    for other in list(RECIPES):
+        donor = Path(root) / f"seed{seed}" / other
+        if other == name or not get_recipe(other).stages or not (donor / "row.json").is_file(): continue
+        done, k = [s["name"] for s in load_results(donor)["stages"]], common_stages(name, other, seed, root, base)
+        k = next((i for i in range(k) if i >= len(done) or done[i] != get_recipe(name).stages[i]), k)   # as far as it trained them
         if k and (best is None or k > best[1]): best = (donor, k)
     return best
+
+def row_needs(name:str, seed:int, root, base:Config, order:list) -> list[str]:
+    """The rows of the same seed that row `name` starts from: the source-only row (every row but itself), and the
+    earlier row of `order` with which it shares the most first stages, if any."""
+    if name == "source_only": return []
+    donors = [(common_stages(name, o, seed, root, base), -i, o) for i, o in enumerate(order[:order.index(name)] if name in order else order)]
+    k, _, donor = max(donors, default=(0, 0, None))
+    return ["source_only"] + ([donor] if k and donor != "source_only" else [])
 
 def adopt_stages(donor, k:int, folder):
     "Copy the first `k` stage folders of the finished row `donor` into `folder`; its results.json starts with their rows, shared.json says whose."
@@ -142,21 +163,27 @@ def _alive(pid:int) -> bool:
     except PermissionError: return True
     return True
 
+def holder_of(folder) -> str | None:
+    "Who holds a live claim on the row in `folder` ('host pid N'), or None: no claim, or a stale one (its process died on this host)."
+    lock = Path(folder) / "row.lock"
+    try: holder = lock.read_text().strip()
+    except FileNotFoundError: return None
+    host, _, pid = holder.rpartition(" pid ")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)): return None
+    return holder or "another process"
+
 def claim_row(folder) -> str | None:
     "Claim the row in `folder` for this process: None if claimed, else who holds it ('host pid N')."
     lock = Path(folder) / "row.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{socket.gethostname()} pid {os.getpid()}"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = lock.read_text().strip() if lock.is_file() else ""
-            host, _, pid = holder.rpartition(" pid ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True); continue        # stale: its process died on this host
-            return holder or "another process"
-        with os.fdopen(fd, "w") as f: f.write(me)
+            holder = holder_of(folder)
+            if holder is None: lock.unlink(missing_ok=True); continue        # stale: its process died on this host
+            return holder
+        with os.fdopen(fd, "w") as f: f.write(f"{socket.gethostname()} pid {os.getpid()}")
         return None
     return "another process"
 
@@ -170,40 +197,54 @@ ROW_ORDER = ["source_only", "adabn", "adaptsegnet", "dann", "st", "cbst", "cbst_
 "The table's order: the bounds around the families, each family's rows from the oldest method to the newest."
 
 def method_rows(rows=None) -> list[str]:
-    "The rows to run: `rows` if given, else every registered recipe, in `ROW_ORDER` first."
+    "The rows to run, the source-only row first (every other row starts from it): `rows` if given, else every registered recipe, in `ROW_ORDER` first."
     discover_plugins()
     if rows:
         for r in rows: get_recipe(r)
-        return list(rows)
-    return [r for r in ROW_ORDER if r in RECIPES] + [r for r in RECIPES if r not in ROW_ORDER]
+    else: rows = [r for r in ROW_ORDER if r in RECIPES] + [r for r in RECIPES if r not in ROW_ORDER]
+    return ["source_only"] + [r for r in rows if r != "source_only"]
+
+def next_row(pending:list, needs:dict, done:set, held:set):
+    """The first (seed, row) of `pending` this process may train now, or None: not finished (`done`), not claimed by
+    another process (`held`), and each row it `needs` finished, or nobody's to train (neither pending nor held)."""
+    def waits(r, m): return (r[0], m) not in done and ((r[0], m) in pending or (r[0], m) in held)
+    return next((r for r in pending if r not in done and r not in held and not any(waits(r, m) for m in needs[r])), None)
 
 def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict:
-    "Train every missing, unclaimed row of every seed under `root` (each in a fresh process), then write and return methods.json of the finished rows."
-    root, names = Path(root), method_rows(rows)
-    names = ["source_only"] + [n for n in names if n != "source_only"]
-    check_root_config(root, base_config(options))          # every row of a root comes from one benchmark
-    for seed in seeds:
-        for name in names:
-            folder = root / f"seed{seed}" / name
-            if (folder / "row.json").is_file(): continue
-            holder = claim_row(folder)
-            if holder is not None and name == "source_only" and log: log(f"seed {seed} source_only: being trained by {holder}, waiting for it")
-            while holder is not None and name == "source_only" and not (folder / "row.json").is_file():
-                time.sleep(5); holder = claim_row(folder)       # the seed's other rows start from it
-            if (folder / "row.json").is_file():                 # finished meanwhile
-                if holder is None: release_row(folder)
-                continue
-            if holder is not None:
-                if log: log(f"seed {seed} {name}: being trained by {holder}, left to it")
-                continue
-            cmd = [sys.executable, "-m", "proda_nb.methods", "--row", name, "--seed", str(seed), "--out", str(root),
-                   *[a for o in options for a in ("--set", o)]]
-            t0 = time.time()
-            env = {**os.environ, "SYNTHCITY_CACHE": os.environ.get("SYNTHCITY_CACHE", str(root / "cache"))}   # generated once
-            try: r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            finally: release_row(folder)
-            if r.returncode: raise RuntimeError(f"row {name}, seed {seed} failed:\n{r.stderr[-3000:]}")
-            if log: log(f"seed {seed} {name}: {time.time() - t0:.0f} s")
+    """Train every missing row of every seed under `root`, each in a fresh process, then write and return methods.json
+    of the finished rows. Rows claimed by another process are left to it; a row waits for the rows it starts from."""
+    root, names, base = Path(root), method_rows(rows), base_config(options)
+    check_root_config(root, base)                          # every row of a root comes from one benchmark
+    order = method_rows()
+    pending = [(s, n) for s in seeds for n in names]
+    needs = {(s, n): row_needs(n, s, root, base, order) for s, n in pending}
+    folder = lambda r: root / f"seed{r[0]}" / r[1]
+    told = set()
+    def tell(r, what):
+        if log and (r, what) not in told: told.add((r, what)); log(f"seed {r[0]} {r[1]}: {what}")
+    while True:
+        watched = set(pending) | {(s, m) for (s, n) in pending for m in needs[(s, n)]}
+        done = {r for r in watched if (folder(r) / "row.json").is_file()}
+        held = {r for r in watched - done if holder_of(folder(r))}
+        wanted = {(s, m) for (s, n) in pending if (s, n) not in done for m in needs[(s, n)]}
+        for r in pending:
+            if r in held and r not in wanted: tell(r, f"being trained by {holder_of(folder(r)) or 'another process'}, left to it")
+        pending = [r for r in pending if r not in done and (r not in held or r in wanted)]
+        if not pending: break
+        r = next_row(pending, needs, done, held)
+        if r is None:                                      # every row left waits for one another process trains
+            for p in pending: tell(p, "waiting for " + ", ".join(m for m in needs[p] if (p[0], m) not in done) if p not in held else "being trained by another process, waiting for it")
+            time.sleep(5); continue
+        if claim_row(folder(r)) is not None: continue      # claimed a moment ago: the next pass sees it held
+        if (folder(r) / "row.json").is_file(): release_row(folder(r)); continue
+        cmd = [sys.executable, "-m", "proda_nb.methods", "--row", r[1], "--seed", str(r[0]), "--out", str(root),
+               *[a for o in options for a in ("--set", o)]]
+        t0 = time.time()
+        env = {**os.environ, "SYNTHCITY_CACHE": os.environ.get("SYNTHCITY_CACHE", str(root / "cache"))}   # generated once
+        try: p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        finally: release_row(folder(r))
+        if p.returncode: raise RuntimeError(f"row {r[1]}, seed {r[0]} failed:\n{p.stderr[-3000:]}")
+        if log: log(f"seed {r[0]} {r[1]}: {time.time() - t0:.0f} s")
     results = collect_methods(root, seeds, names)
     (root / "methods.json").write_text(json.dumps(results, indent=1))
     return results
@@ -248,8 +289,7 @@ def measure_step_costs(root, seed:int=0, rows=None, base:Config|None=None, steps
     """Seconds per training step of every finished row of `seed` under `root`, measured in this process: each distinct
     stage `rounds` times in turn, `steps` timed steps each from the row's own starting checkpoints."""
     root, base = Path(root), base or base_config()
-    names = ["source_only"] + [n for n in method_rows(rows) if n != "source_only"]              # the cost's unit first
-    names = [n for n in names if get_recipe(n).stages and (root / f"seed{seed}" / n / "row.json").is_file()]
+    names = [n for n in method_rows(rows) if get_recipe(n).stages and (root / f"seed{seed}" / n / "row.json").is_file()]
     jobs, keys, row_stages = [], {}, {}
     for name in names:
         cfg, stages = row_config(name, seed, root, base), get_recipe(name).stages

@@ -1,6 +1,7 @@
 """The methods table: rows run in their own processes from the seed's shared source-only model, methods.json's schema,
-the cost ratio measured against source-only, finished rows skipped on a second run, rows claimed by a live process left to it."""
-import json, os, socket, subprocess, sys
+the cost ratio measured against source-only, finished rows skipped on a second run, rows claimed by a live process
+left to it, and a row that waits for the row it starts from."""
+import json, os, socket, subprocess, sys, time
 
 from conftest import run_cli
 
@@ -55,7 +56,18 @@ def test_a_row_that_begins_with_a_finished_row_starts_from_its_stages(tmp_path):
     "proda after proda_stage1 copies its warm-up and stage 1 and ends with the weights proda trained alone ends with."
     import torch
     shared, alone = tmp_path / "shared", tmp_path / "alone"
-    run_cli("--out", shared, "--seeds", "0", "--rows", "proda_stage1,proda", *TINY, launcher=(sys.executable, "-m", "proda_nb.methods"))
+    lock = shared / "seed0" / "proda_stage1" / "row.lock"                 # proda_stage1 claimed by this live process
+    lock.parent.mkdir(parents=True); lock.write_text(f"{socket.gethostname()} pid {os.getpid()}")
+    proc = subprocess.Popen([sys.executable, "-m", "proda_nb.methods", "--out", str(shared), "--seeds", "0", "--rows", "proda_stage1,proda", *TINY],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (shared / "seed0" / "source_only" / "row.json").is_file() and time.time() < deadline: time.sleep(0.5)
+    time.sleep(3)
+    assert not (shared / "seed0" / "proda").exists()                      # proda waits for the row it starts from ...
+    lock.unlink()                                                         # ... whose claim goes: this process trains it
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "seed 0 proda: waiting for proda_stage1" in log, log
     run_cli("--out", alone, "--seeds", "0", "--rows", "proda", *TINY, launcher=(sys.executable, "-m", "proda_nb.methods"))
     row = json.loads((shared / "seed0" / "proda" / "row.json").read_text())
     assert row["shared_from"] == "proda_stage1" and "shared_from" not in json.loads((alone / "seed0" / "proda" / "row.json").read_text())
