@@ -49,9 +49,19 @@ def memory_distances(features:Tensor, labels:Tensor, memory:dict, feature_scores
 
 def memory_contrast_loss(features:Tensor, labels:Tensor, memory:dict, feature_scores:Tensor|None=None,
                          memory_scores:dict|None=None, ignore_index:int=IGNORE_INDEX) -> Tensor:
-    "The mean over classes in both of the mean of D (0, still in the graph, when no class is in both)."
-    d = memory_distances(features, labels, memory, feature_scores, memory_scores, ignore_index)
-    return torch.stack([x.mean() for x in d.values()]).mean() if d else features.sum() * 0.0
+    """The mean over classes in both of the mean of D (0, still in the graph, when no class is in both), computed
+    as mean(w_p) mean(w_z) - <mean_p w_p p/|p|, mean_z w_z z/|z|>: the same number, without the (n_c, M_c) matrix."""
+    per_class = []
+    for c in labels.unique().tolist():
+        z = memory.get(c)
+        if c == ignore_index or z is None or len(z) == 0: continue
+        m = labels == c
+        p, z = F.normalize(features[m].float(), dim=1), F.normalize(z.float(), dim=1)
+        wp = quality_weights(feature_scores[m].float()) if feature_scores is not None else p.new_ones(len(p))
+        wz = (quality_weights(memory_scores[c].float()) if memory_scores is not None and memory_scores.get(c) is not None
+              else z.new_ones(len(z)))
+        per_class.append(wp.mean() * wz.mean() - (wp[:, None] * p).mean(0) @ (wz[:, None] * z).mean(0))
+    return torch.stack(per_class).mean() if per_class else features.sum() * 0.0
 
 # %% ../nbs/23_memory_bank.ipynb #834f685d
 class ClassMemory:

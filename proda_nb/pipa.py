@@ -180,14 +180,17 @@ def patch_contrast_loss(anchors:Tensor, positives:Tensor, labels:Tensor, negativ
                         temperature:float=0.1, ignore_index:int=IGNORE_INDEX) -> Tensor:
     """The pixel formula with one positive: anchor i (N,D) against its positive p_i (the same place in the other view)
     and the negatives (M,D) whose label differs from i's; mean over the anchors with a label and a negative."""
-    neg = (labels[:, None] != negative_labels[None, :]) & (negative_labels != ignore_index)[None, :]
-    rows = ((labels != ignore_index) & neg.any(1)).nonzero()[:, 0]
-    if len(rows) == 0: return (anchors.sum() + positives.sum()) * 0.0
-    a, p = F.normalize(anchors[rows].float(), dim=1), F.normalize(positives[rows].float(), dim=1)
-    n = F.normalize(negatives.float(), dim=1)
-    s_pos = (a * p).sum(1, keepdim=True) / temperature
-    s_neg = (a @ n.T / temperature).masked_fill(~neg[rows], float("-inf"))
-    return -(s_pos - torch.logaddexp(s_pos, torch.logsumexp(s_neg, 1, keepdim=True))).mean()
+    n, total, count = F.normalize(negatives.float(), dim=1), None, 0
+    for c in labels.unique().tolist():                    # one block per class: its anchors against its negatives
+        others = (negative_labels != c) & (negative_labels != ignore_index)
+        if c == ignore_index or not others.any(): continue
+        rows = (labels == c).nonzero()[:, 0]
+        a, p = F.normalize(anchors[rows].float(), dim=1), F.normalize(positives[rows].float(), dim=1)
+        s_pos, s_neg = (a * p).sum(1) / temperature, a @ n[others].T / temperature
+        terms = -(s_pos - torch.logaddexp(s_pos, torch.logsumexp(s_neg, 1)))
+        total, count = (terms.sum() if total is None else total + terms.sum()), count + len(rows)
+    if total is None: return (anchors.sum() + positives.sum()) * 0.0
+    return total / count
 
 # %% ../nbs/22_pipa.ipynb #879d0107
 def gather_rows(t:Tensor) -> Tensor:
