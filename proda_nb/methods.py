@@ -9,9 +9,10 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint', 'mean_step_seconds', 'run_row', 'row_config',
-           'stage_settings_of', 'row_stage_settings', 'common_stages', 'shared_prefix', 'row_needs', 'adopt_stages',
-           'holder_of', 'claim_row', 'release_row', 'method_rows', 'next_row', 'run_methods', 'collect_methods',
-           'stage_steps', 'row_costs', 'measure_step_costs', 'methods_table', 'plot_methods', 'base_config', 'main']
+           'stage_settings_of', 'row_stage_settings', 'common_stages', 'prefix_length', 'shared_prefix', 'row_needs',
+           'adopt_stages', 'holder_of', 'claim_row', 'release_row', 'method_rows', 'donors_first', 'next_row',
+           'run_methods', 'collect_methods', 'stage_steps', 'row_costs', 'measure_step_costs', 'methods_table',
+           'plot_methods', 'base_config', 'main']
 
 # %% ../nbs/24_methods.ipynb #66f1dbae
 import numpy as np
@@ -126,14 +127,18 @@ def common_stages(name:str, other:str, seed:int, root, base:Config) -> int:
     while k < min(len(mine) - 1, len(theirs)) and mine[k] == theirs[k] and a[k] == b[k]: k += 1
     return k
 
+def prefix_length(a, b) -> int:
+    "How many first items the sequences `a` and `b` have in common."
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
 def shared_prefix(name:str, seed:int, root, base:Config) -> tuple[Path, int] | None:
     "The finished row of the same seed that trained row `name`'s first stages with the same settings: (its folder, how many)."
     best = None
     for other in list(RECIPES):
         donor = Path(root) / f"seed{seed}" / other
         if other == name or not get_recipe(other).stages or not (donor / "row.json").is_file(): continue
-        done, k = [s["name"] for s in load_results(donor)["stages"]], common_stages(name, other, seed, root, base)
-        k = next((i for i in range(k) if i >= len(done) or done[i] != get_recipe(name).stages[i]), k)   # as far as it trained them
+        trained = [s["name"] for s in load_results(donor)["stages"]]           # the donor can give only what it trained
+        k = min(common_stages(name, other, seed, root, base), prefix_length(trained, get_recipe(name).stages))
         if k and (best is None or k > best[1]): best = (donor, k)
     return best
 
@@ -141,8 +146,9 @@ def row_needs(name:str, seed:int, root, base:Config, order:list) -> list[str]:
     """The rows of the same seed that row `name` starts from: the source-only row (every row but itself), and the
     earlier row of `order` with which it shares the most first stages, if any."""
     if name == "source_only": return []
-    donors = [(common_stages(name, o, seed, root, base), -i, o) for i, o in enumerate(order[:order.index(name)] if name in order else order)]
-    k, _, donor = max(donors, default=(0, 0, None))
+    if name not in order: raise ValueError(f"row {name!r} is not in the table's order ({', '.join(order)})")
+    earlier = order[:order.index(name)]
+    k, _, donor = max(((common_stages(name, o, seed, root, base), -i, o) for i, o in enumerate(earlier)), default=(0, 0, None))
     return ["source_only"] + ([donor] if k and donor != "source_only" else [])
 
 def adopt_stages(donor, k:int, folder):
@@ -204,6 +210,14 @@ def method_rows(rows=None) -> list[str]:
     else: rows = [r for r in ROW_ORDER if r in RECIPES] + [r for r in RECIPES if r not in ROW_ORDER]
     return ["source_only"] + [r for r in rows if r != "source_only"]
 
+def donors_first(pending:list, needs:dict) -> list:
+    """`pending` (seed, row) in the order to train them: seed by seed, and in each seed the rows that others start from
+    (their `needs`) before the rest, each group in its given order. A long chain, such as a generator and the row
+    that reuses it, then starts early, and short rows fill the end."""
+    donors = {(s, m) for (s, n) in pending for m in needs[(s, n)]}
+    seeds = list(dict.fromkeys(s for s, _ in pending))
+    return sorted(pending, key=lambda r: (seeds.index(r[0]), r not in donors, pending.index(r)))
+
 def next_row(pending:list, needs:dict, done:set, held:set):
     """The first (seed, row) of `pending` this process may train now, or None: not finished (`done`), not claimed by
     another process (`held`), and each row it `needs` finished, or nobody's to train (neither pending nor held)."""
@@ -218,6 +232,7 @@ def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict
     order = method_rows()
     pending = [(s, n) for s in seeds for n in names]
     needs = {(s, n): row_needs(n, s, root, base, order) for s, n in pending}
+    pending = donors_first(pending, needs)
     folder = lambda r: root / f"seed{r[0]}" / r[1]
     told = set()
     def tell(r, what):
@@ -225,15 +240,18 @@ def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict
     while True:
         watched = set(pending) | {(s, m) for (s, n) in pending for m in needs[(s, n)]}
         done = {r for r in watched if (folder(r) / "row.json").is_file()}
-        held = {r for r in watched - done if holder_of(folder(r))}
+        holders = {r: h for r in watched - done if (h := holder_of(folder(r)))}       # each claim read once a pass
+        held = set(holders)
         wanted = {(s, m) for (s, n) in pending if (s, n) not in done for m in needs[(s, n)]}
         for r in pending:
-            if r in held and r not in wanted: tell(r, f"being trained by {holder_of(folder(r)) or 'another process'}, left to it")
+            if r in held and r not in wanted: tell(r, f"being trained by {holders[r]}, left to it")
         pending = [r for r in pending if r not in done and (r not in held or r in wanted)]
         if not pending: break
         r = next_row(pending, needs, done, held)
         if r is None:                                      # every row left waits for one another process trains
-            for p in pending: tell(p, "waiting for " + ", ".join(m for m in needs[p] if (p[0], m) not in done) if p not in held else "being trained by another process, waiting for it")
+            for p in pending:
+                if p in held: tell(p, f"being trained by {holders[p]}, waiting for it")
+                else: tell(p, "waiting for " + ", ".join(m for m in needs[p] if (p[0], m) not in done))
             time.sleep(5); continue
         if claim_row(folder(r)) is not None: continue      # claimed a moment ago: the next pass sees it held
         if (folder(r) / "row.json").is_file(): release_row(folder(r)); continue
