@@ -8,19 +8,9 @@ and a bank of 4 steps x 16 images x 2 views x 48 cells. Prints the median second
 largest differences of the loss and of the gradients (the two compute the same sums over the same pairs).
 """
 import argparse, statistics, time
-import torch, torch.nn.functional as F
+import torch
 from proda_nb.labels import IGNORE_INDEX
-from proda_nb.pipa import patch_contrast_loss
-
-
-def masked_patch_loss(anchors, positives, labels, negatives, negative_labels, temperature=0.1):
-    "The formula as one matrix: every anchor against every bank pixel, the pairs that are no negatives set to -inf."
-    neg = (labels[:, None] != negative_labels[None, :]) & (negative_labels != IGNORE_INDEX)[None, :]
-    rows = ((labels != IGNORE_INDEX) & neg.any(1)).nonzero()[:, 0]
-    a, p, n = (F.normalize(t, dim=1) for t in (anchors[rows], positives[rows], negatives))
-    s_pos = (a * p).sum(1, keepdim=True) / temperature
-    s_neg = (a @ n.T / temperature).masked_fill(~neg[rows], float("-inf"))
-    return -(s_pos - torch.logaddexp(s_pos, torch.logsumexp(s_neg, 1, keepdim=True))).mean()
+from proda_nb.pipa import masked_patch_loss, patch_contrast_loss
 
 
 def run(f, inputs):

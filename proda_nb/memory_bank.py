@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['quality_weights', 'memory_distances', 'memory_contrast_loss', 'ClassMemory', 'Selector', 'ClassSelectors',
-           'memory_candidates', 'ranked_candidates', 'MemoryBankConfig', 'check_memory_bank_settings', 'MemoryBank']
+__all__ = ['quality_weights', 'class_pairs', 'memory_distances', 'memory_contrast_loss', 'ClassMemory', 'Selector',
+           'ClassSelectors', 'memory_candidates', 'ranked_candidates', 'MemoryBankConfig', 'check_memory_bank_settings',
+           'MemoryBank']
 
 # %% ../nbs/23_memory_bank.ipynb #50a6da4d
 import torch
@@ -33,25 +34,10 @@ def quality_weights(scores:Tensor) -> Tensor:
     "w = n S / sum(S): one class's scores (n,) rescaled to mean 1."
     return scores * (len(scores) / scores.sum())
 
-def memory_distances(features:Tensor, labels:Tensor, memory:dict, feature_scores:Tensor|None=None,
-                     memory_scores:dict|None=None, ignore_index:int=IGNORE_INDEX) -> dict:
-    "Per class c in both `labels` (N,) and `memory` (c -> (M_c,D)): D (n_c, M_c) = w_p w_z (1 - cos(p, z)) for the features (N,D) of class c."
-    out = {}
-    for c in labels.unique().tolist():
-        z = memory.get(c)
-        if c == ignore_index or z is None or len(z) == 0: continue
-        m = labels == c
-        d = 1 - F.normalize(features[m].float(), dim=1) @ F.normalize(z.float(), dim=1).T
-        if feature_scores is not None: d = d * quality_weights(feature_scores[m].float())[:, None]
-        if memory_scores is not None and memory_scores.get(c) is not None: d = d * quality_weights(memory_scores[c].float())[None, :]
-        out[c] = d
-    return out
-
-def memory_contrast_loss(features:Tensor, labels:Tensor, memory:dict, feature_scores:Tensor|None=None,
-                         memory_scores:dict|None=None, ignore_index:int=IGNORE_INDEX) -> Tensor:
-    """The mean over classes in both of the mean of D (0, still in the graph, when no class is in both), computed
-    as mean(w_p) mean(w_z) - <mean_p w_p p/|p|, mean_z w_z z/|z|>: the same number, without the (n_c, M_c) matrix."""
-    per_class = []
+def class_pairs(features:Tensor, labels:Tensor, memory:dict, feature_scores:Tensor|None=None,
+                memory_scores:dict|None=None, ignore_index:int=IGNORE_INDEX):
+    """For each class c in both `labels` (N,) and `memory` (c -> (M_c,D)): c, its unit features (n_c,D), its unit
+    memory entries (M_c,D) and their quality weights (n_c,), (M_c,) (all ones without scores)."""
     for c in labels.unique().tolist():
         z = memory.get(c)
         if c == ignore_index or z is None or len(z) == 0: continue
@@ -60,7 +46,20 @@ def memory_contrast_loss(features:Tensor, labels:Tensor, memory:dict, feature_sc
         wp = quality_weights(feature_scores[m].float()) if feature_scores is not None else p.new_ones(len(p))
         wz = (quality_weights(memory_scores[c].float()) if memory_scores is not None and memory_scores.get(c) is not None
               else z.new_ones(len(z)))
-        per_class.append(wp.mean() * wz.mean() - (wp[:, None] * p).mean(0) @ (wz[:, None] * z).mean(0))
+        yield c, p, z, wp, wz
+
+def memory_distances(features:Tensor, labels:Tensor, memory:dict, feature_scores:Tensor|None=None,
+                     memory_scores:dict|None=None, ignore_index:int=IGNORE_INDEX) -> dict:
+    "Per class c in both: D (n_c, M_c) = w_p w_z (1 - cos(p, z)) for the features (N,D) of class c."
+    return {c: wp[:, None] * wz[None, :] * (1 - p @ z.T)
+            for c, p, z, wp, wz in class_pairs(features, labels, memory, feature_scores, memory_scores, ignore_index)}
+
+def memory_contrast_loss(features:Tensor, labels:Tensor, memory:dict, feature_scores:Tensor|None=None,
+                         memory_scores:dict|None=None, ignore_index:int=IGNORE_INDEX) -> Tensor:
+    """The mean over classes in both of the mean of D (0, still in the graph, when no class is in both), computed
+    as mean(w_p) mean(w_z) - <mean_p w_p p/|p|, mean_z w_z z/|z|>: the same number, without the (n_c, M_c) matrix."""
+    per_class = [wp.mean() * wz.mean() - (wp[:, None] * p).mean(0) @ (wz[:, None] * z).mean(0)
+                 for _, p, z, wp, wz in class_pairs(features, labels, memory, feature_scores, memory_scores, ignore_index)]
     return torch.stack(per_class).mean() if per_class else features.sum() * 0.0
 
 # %% ../nbs/23_memory_bank.ipynb #834f685d

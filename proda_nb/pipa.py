@@ -11,9 +11,9 @@ from typing import NamedTuple
 # %% auto #0
 __all__ = ['PIPA_GAINS', 'CONTRASTIVE', 'pixel_contrast_terms', 'pixel_contrast_loss', 'plot_temperature', 'split_hard_easy',
            'sample_anchors', 'ProjectionHead', 'resize_labels', 'ViewPair', 'view_size', 'view_iou',
-           'overlapping_views', 'cut_views', 'unflip', 'overlap_cells', 'patch_contrast_loss', 'gather_rows',
-           'PixelBank', 'HeadOptimizer', 'network_stride', 'PiPaConfig', 'check_pipa_settings', 'pipa_paper', 'PiPa',
-           'contrast_gains']
+           'overlapping_views', 'cut_views', 'unflip', 'overlap_cells', 'patch_contrast_loss', 'masked_patch_loss',
+           'gather_rows', 'PixelBank', 'HeadOptimizer', 'network_stride', 'PiPaConfig', 'check_pipa_settings',
+           'pipa_paper', 'PiPa', 'contrast_gains']
 
 # %% ../nbs/22_pipa.ipynb #976f49ab
 import torch
@@ -191,6 +191,18 @@ def patch_contrast_loss(anchors:Tensor, positives:Tensor, labels:Tensor, negativ
         total, count = (terms.sum() if total is None else total + terms.sum()), count + len(rows)
     if total is None: return (anchors.sum() + positives.sum()) * 0.0
     return total / count
+
+# %% ../nbs/22_pipa.ipynb #22blk003
+def masked_patch_loss(anchors:Tensor, positives:Tensor, labels:Tensor, negatives:Tensor, negative_labels:Tensor,
+                      temperature:float=0.1) -> Tensor:
+    """`patch_contrast_loss` as the formula reads, in one (N, M) matrix: every anchor against every bank pixel, the
+    pairs that are no negatives set to -inf. The reference the block form is checked against (and timed against)."""
+    neg = (labels[:, None] != negative_labels[None, :]) & (negative_labels != IGNORE_INDEX)[None, :]
+    rows = ((labels != IGNORE_INDEX) & neg.any(1)).nonzero()[:, 0]
+    a, p, n = (F.normalize(t, dim=1) for t in (anchors[rows], positives[rows], negatives))
+    s_pos = (a * p).sum(1, keepdim=True) / temperature
+    s_neg = (a @ n.T / temperature).masked_fill(~neg[rows], float("-inf"))
+    return -(s_pos - torch.logaddexp(s_pos, torch.logsumexp(s_neg, 1, keepdim=True))).mean()
 
 # %% ../nbs/22_pipa.ipynb #879d0107
 def gather_rows(t:Tensor) -> Tensor:
