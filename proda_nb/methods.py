@@ -356,10 +356,12 @@ def plot_methods(results:dict, ax=None):
     for r in points:
         ax.errorbar(r["step_seconds_ratio"], r["miou_mean"], yerr=r["miou_std"], fmt="o", color=colours.get(r["family"], "k"), capsize=3)
         ax.annotate(r["name"], (r["step_seconds_ratio"], r["miou_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    left = min([r["step_seconds_ratio"] for r in points] + [1.0])
+    bounds = {}                                            # the bounds, those with the same mIoU on one line
     for r in results["rows"]:
-        if r in points: continue
-        ax.axhline(r["miou_mean"], color="grey", ls=":", lw=1); ax.text(left, r["miou_mean"], " " + r["title"], fontsize=7, va="bottom", color="grey")
+        if r not in points: bounds.setdefault(round(r["miou_mean"], 1), []).append(r["title"])
+    for y, titles in bounds.items():
+        ax.axhline(y, color="grey", ls=":", lw=1)
+        ax.text(0.01, y, " = ".join(titles), transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="grey")
     ax.set_xscale("log"); ax.set_xlabel("seconds per training step / source-only's (log scale)"); ax.set_ylabel("target mIoU (%)")
     for family, colour in colours.items(): ax.plot([], [], "o", color=colour, label=family)
     ax.legend(fontsize=7, loc="lower right")
