@@ -185,7 +185,7 @@ def init_student(model:nn.Module, cfg, name:str, teacher_path, teacher_state:dic
         from proda_nb import simclr                       # notebook 13; imported here so that the other inits do not need it
         if is_main: simclr.ensure_simclr_weights(path, data_seed=cfg.data.synthcity_seed, cache_dir=cfg.data.cache_dir or None,
                                                    num_classes=cfg.model.num_classes, version=cfg.data.synthcity_version,
-                                                   norm=cfg.model.norm)
+                                                   norm=cfg.model.norm, replace=not s.student_weights)   # a file of yours is never replaced
         barrier()
         simclr.load_simclr_weights(model, path)
         return f"SimCLR weights {path}"

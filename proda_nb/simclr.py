@@ -203,26 +203,34 @@ def read_simclr_file(path) -> dict:
 
 # %% ../nbs/13_simclr.ipynb #3bae2a94
 def ensure_simclr_weights(path, data_seed:int=0, settings:SimCLRSettings|None=None, device="cpu", cache_dir=None,
-                          num_classes:int=19, progress:bool=False, version:int=2, norm:str="gn") -> Path:
-    """`path` if it holds a SimCLR pretraining with these `settings` on SynthCity `version`, world `data_seed`, of a
-    network with normalisation `norm`; otherwise pretrain a fresh `SynthCityNet(num_classes, norm=norm)` on the
-    unlabelled target_train images and save it there atomically.
-    Refuses (FileExistsError) to overwrite a file that is not a proda_nb.simclr file. Call it on one process only."""
+                          num_classes:int=19, progress:bool=False, version:int=2, norm:str="gn", replace:bool=True) -> Path:
+    """`path` if it holds a SimCLR pretraining on SynthCity `version`, world `data_seed`, of a network with
+    normalisation `norm`, and with these `settings` (`None`: any settings, such as a longer pretraining written by
+    `python -m proda_nb.simclr --steps N`); otherwise pretrain a fresh `SynthCityNet(num_classes, norm=norm)` on the
+    unlabelled target_train images (the default settings if `None`) and save it there atomically.
+    The caller's random state is left as it was. Refuses (FileExistsError) to overwrite a file that is not a
+    proda_nb.simclr file, and (ValueError) any other pretraining if not `replace`. Call it on one process only."""
     path, s = Path(path), settings or SimCLRSettings()
     if path.exists():
         try: saved = read_simclr_file(path)
         except (WeightLoadError, WeightFileError) as e:
             raise FileExistsError(f"{e}; refusing to overwrite it: delete it or choose another path") from e
         same = (saved.get("data_seed"), saved.get("synthcity_version", 1), saved.get("norm", "bn")) == (data_seed, version, norm)
-        if same and _plain(saved.get("settings", {})) == _plain(asdict(s)): return path
-    torch.manual_seed(s.seed)
-    model = SynthCityNet(num_classes, norm=norm)
-    data = SynthCity("target_train", seed=data_seed, n=s.images, cache_dir=cache_dir, version=version)
-    history = pretrain_simclr(model, data, s, device, progress)
+        if same and (settings is None or _plain(saved.get("settings", {})) == _plain(asdict(s))): return path
+        if not replace:
+            raise ValueError(f"{path} holds a SimCLR pretraining of SynthCity v{saved.get('synthcity_version', 1)} world "
+                             f"{saved.get('data_seed')} ({saved.get('norm', 'bn')}), not of v{version} world {data_seed} ({norm}) "
+                             f"as this run needs: give another file, or pretrain one with python -m proda_nb.simclr")
+    with torch.random.fork_rng(devices=[]):       # a cold cache must not change the caller's run
+        torch.manual_seed(s.seed)
+        model = SynthCityNet(num_classes, norm=norm)
+        data = SynthCity("target_train", seed=data_seed, n=s.images, cache_dir=cache_dir, version=version)
+        history = pretrain_simclr(model, data, s, device, progress)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_save({"format": SIMCLR_FORMAT, "model": state, "settings": asdict(s), "data_seed": data_seed,
                  "synthcity_version": version, "norm": norm, "history": history}, path)
     return path
+
 
 # %% ../nbs/13_simclr.ipynb #f12292dc
 def load_simclr_weights(model:nn.Module, path, classifier:str="classifier") -> nn.Module:

@@ -149,6 +149,14 @@ def test_simclr_and_supervised_inits(tmp_path, teacher_ckpt):
     got = tr.raw_model.state_dict()
     for k, v in ssl.items():
         if not k.startswith("classifier."): assert torch.equal(got[k], v), k
+    longer = tmp_path / "simclr_2000_steps.pt"          # as `python -m proda_nb.simclr --steps 2000` writes it
+    atomic_save({"format": SIMCLR_FORMAT, "model": ssl, "settings": asdict(SimCLRSettings(steps=2000)), "data_seed": 0,
+                 "synthcity_version": 2, "norm": "gn"}, longer)
+    content = longer.read_bytes()
+    tr = _trainer(tmp_path / "l", teacher_ckpt, student_init="simclr", student_weights=str(longer))
+    assert longer.read_bytes() == content                # used as it is, not pretrained again with the defaults
+    for k, v in ssl.items():
+        if not k.startswith("classifier."): assert torch.equal(tr.raw_model.state_dict()[k], v), k
     with pytest.raises(FileNotFoundError, match="source_only"):
         _trainer(tmp_path / "u", teacher_ckpt, student_init="supervised")
     src = teacher_ckpt.parent.parent / "source_only" / "checkpoint.pt"

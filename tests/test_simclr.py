@@ -133,6 +133,12 @@ def test_ensure_caches_rebuilds_and_refuses_foreign_files(tmp_path):
     assert read_simclr_file(path)["norm"] == "bn"                        # another network: rebuilt
     ensure_simclr_weights(path, data_seed=1, settings=other, norm="bn", version=1)
     assert read_simclr_file(path)["synthcity_version"] == 1              # another SynthCity version: rebuilt
+    content = path.read_bytes()
+    assert ensure_simclr_weights(path, data_seed=1, norm="bn", version=1) == path   # no settings: any pretraining of that world
+    assert path.read_bytes() == content
+    with pytest.raises(ValueError, match=r"w\.pt holds a SimCLR pretraining of SynthCity v1 world 1 \(bn\), not of v2 world 0 \(gn\)"):
+        ensure_simclr_weights(path, replace=False)                        # a file the user gave is never replaced
+    assert path.read_bytes() == content
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": SynthCityNet().state_dict()}, foreign)
     content = foreign.read_bytes()
