@@ -218,9 +218,11 @@ def ensure_simclr_weights(path, data_seed:int=0, settings:SimCLRSettings|None=No
         same = (saved.get("data_seed"), saved.get("synthcity_version", 1), saved.get("norm", "bn")) == (data_seed, version, norm)
         if same and (settings is None or _plain(saved.get("settings", {})) == _plain(asdict(s))): return path
         if not replace:
+            what = ("but with other settings than this run asks for" if same else
+                    f"not of v{version} world {data_seed} ({norm}) as this run needs")
             raise ValueError(f"{path} holds a SimCLR pretraining of SynthCity v{saved.get('synthcity_version', 1)} world "
-                             f"{saved.get('data_seed')} ({saved.get('norm', 'bn')}), not of v{version} world {data_seed} ({norm}) "
-                             f"as this run needs: give another file, or pretrain one with python -m proda_nb.simclr")
+                             f"{saved.get('data_seed')} ({saved.get('norm', 'bn')}), {what}: give "
+                             f"another file, or pretrain one with python -m proda_nb.simclr")
     with torch.random.fork_rng(devices=[]):       # a cold cache must not change the caller's run
         torch.manual_seed(s.seed)
         model = SynthCityNet(num_classes, norm=norm)

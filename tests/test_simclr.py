@@ -139,6 +139,9 @@ def test_ensure_caches_rebuilds_and_refuses_foreign_files(tmp_path):
     with pytest.raises(ValueError, match=r"w\.pt holds a SimCLR pretraining of SynthCity v1 world 1 \(bn\), not of v2 world 0 \(gn\)"):
         ensure_simclr_weights(path, replace=False)                        # a file the user gave is never replaced
     assert path.read_bytes() == content
+    with pytest.raises(ValueError, match=r"world 1 \(bn\), but with other settings than this run asks for: give another file"):
+        ensure_simclr_weights(path, data_seed=1, norm="bn", version=1, settings=TINY, replace=False)
+    assert path.read_bytes() == content
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": SynthCityNet().state_dict()}, foreign)
     content = foreign.read_bytes()
