@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY_RUN, max_diff, run_cli
+from conftest import SMALL_REAL_RUN, SYNTHCITY_NET, TINY_RUN, max_diff, run_cli
 from test_real_data_training import make_root
 from proda_nb.cbst import (Cbst, CbstConfig, apply_spatial_prior, cbst_paper, check_cbst_settings, label_round,
                            policy_shares, round_lr_factor, round_of, round_portion, round_statistics, round_thresholds,
@@ -179,11 +179,8 @@ def test_real_presets_on_fixture_folders(tmp_path, config, source, portion):
     "Source-only, then CBST from it, on GTA5 / SYNTHIA -> Cityscapes fixture folders with the preset's CBST settings."
     make_root(tmp_path / "data", source)
     out = tmp_path / "out"
-    small = ["--model.name", "synthcity_net", "--model.layout", "torchvision", "--data.crop", "64,32", "--data.long_side", "64",
-             "--data.num_workers", "0", "--optim.batch_size", "2", "--optim.lr", "0.01", "--optim.head_lr_mult", "1",
-             "--schedule.poly_iters", "0", "--run.progress", "false", "--run.tensorboard", "false", "--run.device", "cpu",
-             "--run.ckpt_every", "0"]
-    common = ["--config", config, "--data-root", tmp_path / "data", "--out", out, *small]
+    common = ["--config", config, "--data-root", tmp_path / "data", "--out", out, *SMALL_REAL_RUN, *SYNTHCITY_NET,
+              "--optim.lr", "0.01"]
     # two single-stage runs (a chain would work too, but its per-class figure fails for 16-class models: see the report)
     run_cli(*common, "--stage", "source_only", "--schedule.iters", "2")
     r = run_cli(*common, "--stage", "cbst", "--cbst.rounds", "2", "--cbst.round_iters", "1", "--cbst.crop", "48,24",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY_RUN, max_diff, run_cli, tiny_synthcity_config
+from conftest import SMALL_REAL_RUN, SYNTHCITY_NET, TINY_RUN, max_diff, run_cli, tiny_synthcity_config
 from test_real_data_training import make_root
 from proda_nb.dann import (Dann, DannConfig, PixelDomainClassifier, domain_accuracy, domain_loss, grad_reverse,
                            grl_coefficient)
@@ -162,9 +162,7 @@ def test_cli_two_processes_equal_one_with_two_micro_batches(tmp_path):
 def test_real_presets_on_fixture_folders(tmp_path, config, source):
     make_root(tmp_path / "data", source)
     out = tmp_path / "out"
-    small = ["--model.name", "synthcity_net", "--model.layout", "torchvision", "--data.crop", "64,32", "--data.long_side", "64",
-             "--data.num_workers", "0", "--optim.batch_size", "2", "--optim.head_lr_mult", "1", "--schedule.poly_iters", "0",
-             "--run.progress", "false", "--run.tensorboard", "false", "--run.device", "cpu", "--run.ckpt_every", "0"]
+    small = [*SMALL_REAL_RUN, *SYNTHCITY_NET]
     r = run_cli("--config", config, "--stage", "dann", "--dann.iters", "2", "--dann.lr", "0.01", "--data-root",
                 tmp_path / "data", "--out", out, *small)
     assert "target val mIoU" in r.stdout

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY_RUN, kill_and_resume, max_diff, run_cli
+from conftest import SMALL_REAL_RUN, TINY_RUN, kill_and_resume, max_diff, run_cli
 from test_real_data_training import make_root
 from proda_nb.engine import get_config, get_stage, mix_seed, Trainer
 from proda_nb.memory_bank import (ClassMemory, ClassSelectors, MemoryBank, MemoryBankConfig, check_memory_bank_settings,
@@ -155,7 +155,7 @@ def test_two_processes_train_as_one_with_two_micro_batches(random_init, tmp_path
     run_cli(*args, "--optim.accum_steps", "2", "--out", tmp_path / "one")
     a, b = ck(tmp_path / "two"), ck(tmp_path / "one")
     assert (a["world_size"], b["world_size"]) == (2, 1)
-    same = lambda x, y: max((x[k].double() - y[k].double()).abs().max().item() for k in x if not k.endswith("num_batches_tracked"))
+    same = lambda x, y: max_diff(x, y, counters=False)
     sa, sb = a["stage"]["state"], b["stage"]["state"]
     assert same(a["model"], b["model"]) <= 1e-5
     for key in ("ema_model", "projector", "predictor", "selectors", "teacher_projector"):
@@ -169,10 +169,7 @@ def test_real_presets_on_fixture_folders(tmp_path, config, source):
     "Source-only, then the memory bank from it, on GTA5 / SYNTHIA -> Cityscapes fixture folders with the preset's DeepLab-R101."
     make_root(tmp_path / "data", source)
     out = tmp_path / "out"
-    small = ["--data.crop", "64,32", "--data.long_side", "64", "--data.num_workers", "0", "--optim.batch_size", "2",
-             "--schedule.poly_iters", "0", "--run.progress", "false", "--run.tensorboard", "false", "--run.device", "cpu",
-             "--run.ckpt_every", "0", "--run.log_every", "1"]
-    common = ["--config", config, "--data-root", tmp_path / "data", "--out", out, *small]
+    common = ["--config", config, "--data-root", tmp_path / "data", "--out", out, *SMALL_REAL_RUN, "--run.log_every", "1"]
     run_cli(*common, "--stage", "source_only", "--schedule.iters", "1")
     r = run_cli(*common, "--stage", "memory_bank", "--memory_bank.iters", "2", "--memory_bank.memory_threshold", "0")
     assert "target val mIoU" in r.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, default_network, kill_and_resume, max_diff, run_cli
+from conftest import SMALL_REAL_RUN, SYNTHCITY_NET, TINY_RUN, default_network, kill_and_resume, max_diff, run_cli
 from proda_nb.tgcf import (adain, channel_moments, TGCFGenerator, PatchDiscriminator, power_iteration, frozen_copy,
                            semantic_loss, lsgan_discriminator_loss, lsgan_generator_loss, load_generator, save_generator,
                            GENERATOR_FILE, TGCF)
@@ -167,9 +167,7 @@ def test_two_processes_train_as_one_with_two_micro_batches(random_init, tmp_path
 def test_real_preset_on_fixture_folders(tmp_path):
     make_root(tmp_path / "data", "gta5")
     out = tmp_path / "real"
-    small = ["--model.name", "synthcity_net", "--model.layout", "torchvision", "--data.crop", "64,32", "--data.long_side", "64",
-             "--data.num_workers", "0", "--optim.batch_size", "2", "--optim.head_lr_mult", "1", "--schedule.poly_iters", "0",
-             "--run.progress", "false", "--run.tensorboard", "false", "--run.device", "cpu", "--run.ckpt_every", "0"]
+    small = [*SMALL_REAL_RUN, *SYNTHCITY_NET]
     run_cli("--config", "gta5_to_cityscapes", "--data-root", tmp_path / "data", "--run.pipeline", "source_only,tgcf",
             "--schedule.iters", "2", "--tgcf.iters", "2", *small, "--out", out)
     c = ck(out / "tgcf")
