@@ -4,14 +4,14 @@
 
 # %% ../nbs/16_ablation.ipynb #5bb6f42b
 from __future__ import annotations
-import argparse, copy, json, statistics, time
+import argparse, copy, json, statistics, sys, time
 from typing import NamedTuple
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'ROW', 'RUN_FIELDS', 'AblationRow', 'row_config', 'oracle_trainer', 'adabn_metrics',
-           'run_row', 'ancestors', 'check_root_config', 'run_ablation', 'collect_ablation', 'ablation_table',
-           'target_feature_sample', 'plot_feature_space', 'main']
+__all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'ROW', 'RUN_FIELDS', 'AblationRow',
+           'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors', 'check_root_config', 'run_ablation',
+           'collect_ablation', 'ablation_table', 'target_feature_sample', 'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -65,7 +65,20 @@ DEVIATION_ROWS = [
                 "stage1", "warmup", {"kl_per_class": False}),
 ]
 "Controls for SynthCity's deviations from the paper (not rows of its table): each sets one setting of a row back."
-ROW = {r.name: r for r in ROWS + DEVIATION_ROWS}
+DANN_START_ROWS = [
+    AblationRow("dann", "DANN's feature alignment in place of the warm-up", None, "dann", "source_only"),
+    AblationRow("dann_st_sce", "  + self-training with SCE", None, "stage1", "dann", {**ST, "sce": True}),
+    AblationRow("dann_st_sce_pd", "  + prototypical denoising", None, "stage1", "dann", {**ST, "sce": True, "denoise": True}),
+    AblationRow("dann_st_sce_pd_sl", "  + denoising + structure learning (stage 1)", None, "stage1", "dann"),
+    AblationRow("dann_stage2", "stage 2: distillation, stage-1 init", None, "stage2", "dann_st_sce_pd_sl",
+                dict(student_init="teacher")),
+    AblationRow("dann_stage3", "stage 3", None, "stage3", "dann_stage2"),
+]
+"ProDA's chain from another start (not rows of the paper's table): DANN's model, whose target features are aligned."
+DANN_START_CONTROLS = {"dann": "warmup", "dann_st_sce": "st_sce", "dann_st_sce_pd": "st_sce_pd",
+                       "dann_st_sce_pd_sl": "st_sce_pd_sl", "dann_stage2": "stage2_stage1_init", "dann_stage3": "stage3"}
+"Each DANN-start row -> the row of the table that is the same run from the warm-up."
+ROW = {r.name: r for r in ROWS + DEVIATION_ROWS + DANN_START_ROWS}
 
 # %% ../nbs/16_ablation.ipynb #6856f0b8
 def row_config(base:Config, root, seed:int, row:AblationRow) -> Config:
@@ -150,7 +163,7 @@ def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, r
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:
         t0 = time.time()
-        for row in ROWS + DEVIATION_ROWS:                              # the table's order: parents before children
+        for row in ROWS + DEVIATION_ROWS + DANN_START_ROWS:                              # the table's order: parents before children
             if row.name in wanted: run_row(base, root, seed, row)
         if log: log(f"seed {seed}: {time.time() - t0:.0f} s")
     results = collect_ablation(root, seeds)
@@ -224,13 +237,27 @@ def main(argv=None):
     p.add_argument("--out", default="runs/ablation", help="root folder of the runs (default runs/ablation)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle row")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="these rows (and the rows they start from) instead of the "
+                   "table's: any of the table's, the deviation controls' or the DANN-start chain's names (notebook 16)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change the synthcity preset for every row (a root keeps the settings it was made with)")
     args = p.parse_args(argv)
-    base = get_config("synthcity"); base.run.progress = False
-    rows = [r.name for r in ROWS if not (args.no_oracle and r.name == "oracle")]
-    results = run_ablation(args.out, args.seeds, base, rows)
+    unknown = sorted(set(args.rows or ()) - set(ROW))
+    if unknown: p.error(f"unknown row {', '.join(unknown)}; the rows are {', '.join(ROW)}")
+    rows = args.rows or [r.name for r in ROWS if not (args.no_oracle and r.name == "oracle")]
+    try:
+        base = get_config("synthcity"); base.run.progress = False
+        for option in args.set: set_option(base, *option.partition("=")[::2])
+        results = run_ablation(args.out, args.seeds, base, rows)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr); return 2
+    if args.rows:                                            # the rows asked for, after the rows they start from
+        shown = set(rows) | {a for n in rows for a in ancestors(n)}
+        results = collect_ablation(args.out, args.seeds, [r for r in ROW.values() if r.name in shown])
     print(ablation_table(results).to_string())
     print(f"-> {Path(args.out) / 'ablation.json'}")
     return 0
+
 
 # %% ../nbs/16_ablation.ipynb #97565e1f
 if __name__ == "__main__" and "__file__" in globals(): raise SystemExit(main())

@@ -1,0 +1,54 @@
+"`python -m proda_nb.ablation` (notebook 16): the table's file, rows chosen by name, resuming after a kill."
+import json, os, signal, subprocess, sys, time
+
+import torch
+
+from conftest import REPO, max_diff, run_cli
+
+ABLATION = (sys.executable, "-m", "proda_nb.ablation")
+# the synthcity preset cut down to seconds, for every row
+TINY = [arg for option in ("schedule.iters=3", "warmup.iters=2", "dann.iters=2", "stage1.iters=6", "optim.batch_size=4",
+                           "data.synthcity_n=16", "data.max_val=4", "run.tensorboard=false", "run.ckpt_every=1")
+        for arg in ("--set", option)]
+
+
+def test_writes_the_table_and_resumes_a_killed_row(tmp_path):
+    args = ["--seeds", "0", "--rows", "st_sce", *TINY]
+    r = run_cli("--out", tmp_path / "full", *args, launcher=ABLATION)
+    table = json.loads((tmp_path / "full" / "ablation.json").read_text())
+    names = [row["name"] for row in table["rows"]]
+    assert table["benchmark"] == "synthcity" and table["seeds"] == [0]
+    assert names == ["source_only", "warmup", "st_sce"]                  # the row and the rows it starts from, in order
+    for row in table["rows"]:
+        own = json.loads((tmp_path / "full" / "seed0" / row["name"] / "metrics.json").read_text())["miou"]
+        assert row["per_seed"] == {"0": own} and row["miou_mean"] == own and row["miou_std"] == 0.0
+    assert "[st_sce]" in r.stdout and "[warmup]" in r.stdout
+
+    killed = tmp_path / "killed"                                         # killed while st_sce trains, then resumed
+    proc = subprocess.Popen([*ABLATION, "--out", str(killed), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, deadline = killed / "seed0" / "st_sce" / "checkpoint.pt", time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    assert torch.load(checkpoint, weights_only=True)["iteration"] < 6, "st_sce finished before it could be killed"
+    warmup = (killed / "seed0" / "warmup" / "checkpoint.pt").read_bytes()
+    run_cli("--out", killed, *args, launcher=ABLATION)
+    assert (killed / "seed0" / "warmup" / "checkpoint.pt").read_bytes() == warmup    # a finished row is not trained again
+    a, b = (torch.load(root / "seed0" / "st_sce" / "checkpoint.pt", weights_only=True) for root in (tmp_path / "full", killed))
+    assert b["iteration"] == 6 and max_diff(a["model"], b["model"]) == 0.0
+    assert json.loads((killed / "ablation.json").read_text()) == table
+
+
+def test_the_dann_start_chain_and_bad_input(tmp_path):
+    r = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann_st_sce", *TINY, launcher=ABLATION)
+    lines = [l for l in r.stdout.splitlines() if "[" in l]
+    assert [l.split("[")[-1].split("]")[0] for l in lines] == ["source_only", "dann", "dann_st_sce"]
+    config = json.loads((tmp_path / "seed0" / "dann_st_sce" / "config.json").read_text())
+    assert config["stage1"]["init"] == str(tmp_path / "seed0" / "dann" / "checkpoint.pt")     # DANN's model is its start
+    assert (config["stage1"]["denoise"], config["stage1"]["sce"], config["stage1"]["gamma1"]) == (False, True, 0.0)
+    bad = run_cli("--out", tmp_path, "--rows", "dann_st", launcher=ABLATION, ok=False)
+    assert bad.returncode == 2 and "unknown row dann_st; the rows are source_only" in bad.stderr
+    bad = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann", *TINY, "--set", "dann.iters=x", launcher=ABLATION, ok=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: option dann.iters:")
+    other = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann", *TINY, "--set", "dann.lr=0.5", launcher=ABLATION, ok=False)
+    assert other.returncode == 2 and "were made with other settings (dann.lr)" in other.stderr     # one root, one benchmark
