@@ -66,7 +66,7 @@ DEVIATION_ROWS = [
 ]
 "Controls for SynthCity's deviations from the paper (not rows of its table): each sets one setting of a row back."
 DANN_START_ROWS = [
-    AblationRow("dann", "DANN's feature alignment in place of the warm-up", None, "dann", "source_only"),
+    AblationRow("dann", "DANN, in place of the warm-up", None, "dann", "source_only"),
     AblationRow("dann_st_sce", "  + self-training with SCE", None, "stage1", "dann", {**ST, "sce": True}),
     AblationRow("dann_st_sce_pd", "  + prototypical denoising", None, "stage1", "dann", {**ST, "sce": True, "denoise": True}),
     AblationRow("dann_st_sce_pd_sl", "  + denoising + structure learning (stage 1)", None, "stage1", "dann"),
