@@ -156,17 +156,19 @@ def check_root_config(root, base:Config, name:str="runs.json") -> dict:
     return own
 
 def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, rows=None, log=print) -> dict:
-    "Train every missing row of every seed under `root` (parents first); write and return `ablation.json`'s dict."
+    """Train every missing row of every seed under `root` (parents first); write and return `ablation.json`'s dict:
+    the table's finished rows, and the other `rows` asked for (deviation controls, the DANN-start chain)."""
     base = base or get_config("synthcity")
     check_root_config(root, base)
     wanted = set(rows or [r.name for r in ROWS])
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:
         t0 = time.time()
-        for row in ROWS + DEVIATION_ROWS + DANN_START_ROWS:                              # the table's order: parents before children
+        for row in ROWS + DEVIATION_ROWS + DANN_START_ROWS:        # the table's order: parents before children
             if row.name in wanted: run_row(base, root, seed, row)
         if log: log(f"seed {seed}: {time.time() - t0:.0f} s")
-    results = collect_ablation(root, seeds)
+    shown = [r for r in ROW.values() if r in ROWS or r.name in wanted]      # the table's rows, and any asked for
+    results = collect_ablation(root, seeds, shown)
     Path(root, "ablation.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -185,14 +187,16 @@ def collect_ablation(root="runs/ablation", seeds=None, rows=None) -> dict:
                     "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": per_seed})
     return {"benchmark": "synthcity", "seeds": list(seeds), "rows": out}
 
-def ablation_table(results:dict):
-    "A pandas DataFrame: per row its mean, std, seeds, the step from the row before, and the paper's number."
+def ablation_table(results:dict, step_from:str="previous"):
+    """A pandas DataFrame: per row its mean, std, seeds, its step and the paper's number. The step is from the row
+    before (`step_from="previous"`, the paper's way of reading its table) or from the row's parent ("parent")."""
     import pandas as pd
-    lines, prev = [], None
+    lines, prev, mean = [], None, {r["name"]: r["miou_mean"] for r in results["rows"]}
     for r in results["rows"]:
         row = ROW[r["name"]]
+        base = prev if step_from == "previous" else mean.get(row.parent)
         lines.append({"row": f"{row.title} [{row.name}]", "mIoU": r["miou_mean"], "std": r["miou_std"],
-                      "seeds": len(r["per_seed"]), "step": None if prev is None else r["miou_mean"] - prev,
+                      "seeds": len(r["per_seed"]), "step": None if base is None else r["miou_mean"] - base,
                       "paper (GTA5->CS)": row.paper})
         prev = r["miou_mean"]
     return pd.DataFrame(lines).set_index("row").round(1)
@@ -243,18 +247,22 @@ def main(argv=None):
                    help="change the synthcity preset for every row (a root keeps the settings it was made with)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.rows or ()) - set(ROW))
-    if unknown: p.error(f"unknown row {', '.join(unknown)}; the rows are {', '.join(ROW)}")
+    bad_set = [o for o in args.set if "=" not in o]
+    if unknown or bad_set:
+        print(f"error: unknown row {', '.join(unknown)}; the rows are {', '.join(ROW)}" if unknown else
+              f"error: --set {bad_set[0]}: expected SECTION.FIELD=VALUE", file=sys.stderr); return 2
     rows = args.rows or [r.name for r in ROWS if not (args.no_oracle and r.name == "oracle")]
+    base = get_config("synthcity"); base.run.progress = False
     try:
-        base = get_config("synthcity"); base.run.progress = False
         for option in args.set: set_option(base, *option.partition("=")[::2])
-        results = run_ablation(args.out, args.seeds, base, rows)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+        check_root_config(args.out, base)
+    except (ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr); return 2
+    results = run_ablation(args.out, args.seeds, base, rows)
     if args.rows:                                            # the rows asked for, after the rows they start from
         shown = set(rows) | {a for n in rows for a in ancestors(n)}
-        results = collect_ablation(args.out, args.seeds, [r for r in ROW.values() if r.name in shown])
-    print(ablation_table(results).to_string())
+        results = {**results, "rows": [r for r in results["rows"] if r["name"] in shown]}
+    print(ablation_table(results, "parent" if args.rows else "previous").to_string())
     print(f"-> {Path(args.out) / 'ablation.json'}")
     return 0
 

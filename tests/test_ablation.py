@@ -4,11 +4,13 @@ import json, os, signal, subprocess, sys, time
 import torch
 
 from conftest import REPO, max_diff, run_cli
+from proda_nb.ablation import ROW
 
 ABLATION = (sys.executable, "-m", "proda_nb.ablation")
 # the synthcity preset cut down to seconds, for every row
 TINY = [arg for option in ("schedule.iters=3", "warmup.iters=2", "dann.iters=2", "stage1.iters=6", "optim.batch_size=4",
-                           "data.synthcity_n=16", "data.max_val=4", "run.tensorboard=false", "run.ckpt_every=1")
+                           "data.synthcity_n=16", "data.max_val=4", "run.tensorboard=false", "run.ckpt_every=1",
+                           "run.log_every=1")
         for arg in ("--set", option)]
 
 
@@ -31,10 +33,13 @@ def test_writes_the_table_and_resumes_a_killed_row(tmp_path):
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.05)
     proc.send_signal(signal.SIGKILL); proc.wait()
     assert torch.load(checkpoint, weights_only=True)["iteration"] < 6, "st_sce finished before it could be killed"
-    warmup = (killed / "seed0" / "warmup" / "checkpoint.pt").read_bytes()
+    warmup = (killed / "seed0" / "warmup" / "checkpoint.pt").stat().st_mtime_ns
     run_cli("--out", killed, *args, launcher=ABLATION)
-    assert (killed / "seed0" / "warmup" / "checkpoint.pt").read_bytes() == warmup    # a finished row is not trained again
-    a, b = (torch.load(root / "seed0" / "st_sce" / "checkpoint.pt", weights_only=True) for root in (tmp_path / "full", killed))
+    assert (killed / "seed0" / "warmup" / "checkpoint.pt").stat().st_mtime_ns == warmup   # a finished row: not trained again
+    logged = [json.loads(l)["iteration"] for l in (killed / "seed0" / "st_sce" / "log.jsonl").read_text().splitlines()]
+    assert logged.count(1) == 1 and max(logged) == 6                     # resumed from its checkpoint, not restarted
+    a, b = (torch.load(root / "seed0" / "st_sce" / "checkpoint.pt", weights_only=True)
+            for root in (tmp_path / "full", killed))
     assert b["iteration"] == 6 and max_diff(a["model"], b["model"]) == 0.0
     assert json.loads((killed / "ablation.json").read_text()) == table
 
@@ -43,12 +48,20 @@ def test_the_dann_start_chain_and_bad_input(tmp_path):
     r = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann_st_sce", *TINY, launcher=ABLATION)
     lines = [l for l in r.stdout.splitlines() if "[" in l]
     assert [l.split("[")[-1].split("]")[0] for l in lines] == ["source_only", "dann", "dann_st_sce"]
+    table = {row["name"]: row for row in json.loads((tmp_path / "ablation.json").read_text())["rows"]}
+    assert list(table) == ["source_only", "dann", "dann_st_sce"]             # the file holds what was printed
+    step = float(lines[-1].split()[-2])                                 # mIoU std seeds step paper: the step from its parent
+    assert abs(step - (table["dann_st_sce"]["miou_mean"] - table["dann"]["miou_mean"])) <= 0.051
     config = json.loads((tmp_path / "seed0" / "dann_st_sce" / "config.json").read_text())
     assert config["stage1"]["init"] == str(tmp_path / "seed0" / "dann" / "checkpoint.pt")     # DANN's model is its start
     assert (config["stage1"]["denoise"], config["stage1"]["sce"], config["stage1"]["gamma1"]) == (False, True, 0.0)
     bad = run_cli("--out", tmp_path, "--rows", "dann_st", launcher=ABLATION, ok=False)
-    assert bad.returncode == 2 and "unknown row dann_st; the rows are source_only" in bad.stderr
-    bad = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann", *TINY, "--set", "dann.iters=x", launcher=ABLATION, ok=False)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: option dann.iters:")
-    other = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann", *TINY, "--set", "dann.lr=0.5", launcher=ABLATION, ok=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: unknown row dann_st; the rows are {', '.join(ROW)}"
+    bad = run_cli("--out", tmp_path, "--set", "dann.iters", launcher=ABLATION, ok=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --set dann.iters: expected SECTION.FIELD=VALUE"
+    dann = ["--out", tmp_path, "--seeds", "0", "--rows", "dann", *TINY]
+    bad = run_cli(*dann, "--set", "dann.iters=x", launcher=ABLATION, ok=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error: option dann.iters:")
+    other = run_cli(*dann, "--set", "dann.lr=0.5", launcher=ABLATION, ok=False)
     assert other.returncode == 2 and "were made with other settings (dann.lr)" in other.stderr     # one root, one benchmark

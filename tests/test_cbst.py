@@ -181,7 +181,7 @@ def test_real_presets_on_fixture_folders(tmp_path, config, source, portion):
     out = tmp_path / "out"
     common = ["--config", config, "--data-root", tmp_path / "data", "--out", out, *SMALL_REAL_RUN, *SYNTHCITY_NET,
               "--optim.lr", "0.01"]
-    # two single-stage runs (a chain would work too, but its per-class figure fails for 16-class models: see the report)
+    # two single-stage runs
     run_cli(*common, "--stage", "source_only", "--schedule.iters", "2")
     r = run_cli(*common, "--stage", "cbst", "--cbst.rounds", "2", "--cbst.round_iters", "1", "--cbst.crop", "48,24",
                 "--cbst.spatial_prior", "true", "--cbst.prior_size", "32,16")

@@ -167,7 +167,7 @@ def test_real_preset_chain_on_fixture_folders(tmp_path):
 
 
 def test_real_synthia_preset_stage_by_stage(tmp_path):
-    "SYNTHIA's 16-class preset, one stage per command (a chained SYNTHIA run ends in the pipeline's plot; see the report)."
+    "SYNTHIA's 16-class preset, one stage per command."
     make_root(tmp_path / "data", "synthia")
     out, common = tmp_path / "real", ["--config", "synthia_to_cityscapes", "--data-root", tmp_path / "data", *REAL_ITERS, *SMALL]
     run_cli("--stage", "source_only", *common, "--out", out)
