@@ -11,7 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'ROW', 'RUN_FIELDS', 'AblationRow',
            'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors', 'check_root_config', 'run_ablation',
-           'collect_ablation', 'ablation_table', 'target_feature_sample', 'plot_feature_space', 'main']
+           'collect_ablation', 'ablation_table', 'prototype_probe', 'target_feature_sample', 'plot_feature_space',
+           'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -20,7 +21,9 @@ import torch
 # %% ../nbs/16_ablation.ipynb #ac06dfe7
 from .engine import Config, Trainer, get_config, get_stage, build_datasets, evaluate, headline_miou, set_option
 from .data import dataset_from_config
+from .metrics import ConfusionMatrix
 from .models import adapt_batchnorm, network_from_checkpoint
+from .prototypes import initial_prototypes, prototype_distances
 from .pipeline import run_pipeline, stage_config
 
 # %% ../nbs/16_ablation.ipynb #5cfdf368
@@ -201,6 +204,36 @@ def ablation_table(results:dict, step_from:str="previous"):
         prev = r["miou_mean"]
     return pd.DataFrame(lines).set_index("row").round(1)
 
+# %% ../nbs/16_ablation.ipynb #16probe1
+def _at(labels, size):
+    "`labels` (B,H,W) at feature resolution `size`, nearest neighbour."
+    return torch.nn.functional.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+@torch.no_grad()
+def prototype_probe(model, train, val, classes=None, batch_size:int=100, ignore_index:int=255) -> dict:
+    """mIoU on `val` (over the train ids `classes`) of three readings of `model`'s features: the classifier's argmax,
+    the nearest initial prototype (stage 1's start: class means of what the model *predicts* on `train`) and the
+    nearest true class mean (class means of what `train`'s pixels *are*, which stage 1 never has)."""
+    model.eval()
+    protos = initial_prototypes(model, train)
+    sums, counts = torch.zeros_like(protos), torch.zeros(len(protos))
+    for b in torch.utils.data.DataLoader(train, batch_size=batch_size):
+        f = model(b["image"]).features
+        f, y = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), _at(b["label"], f.shape[-2:]).reshape(-1)
+        keep = y != ignore_index
+        sums.index_add_(0, y[keep], f[keep]); counts += torch.bincount(y[keep], minlength=len(protos)).float()
+    true_means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], float("nan"))
+    readings = {"classifier argmax": lambda out: out.logits.argmax(1),
+                "nearest initial prototype": lambda out: prototype_distances(out.features, protos).argmin(1),
+                "nearest true class mean": lambda out: prototype_distances(out.features, true_means).argmin(1)}
+    cms = {k: ConfusionMatrix(len(protos)) for k in readings}
+    for b in torch.utils.data.DataLoader(val, batch_size=batch_size):
+        out = model(b["image"])
+        y = _at(b["label"], out.features.shape[-2:])
+        for k, read in readings.items(): cms[k].update(read(out), y)
+    return {k: round(cm.miou(classes), 1) for k, cm in cms.items()}
+
+
 # %% ../nbs/16_ablation.ipynb #4b403063
 @torch.no_grad()
 def target_feature_sample(model, dataset, n_pixels:int=3000, seed:int=0, ignore_index:int=255) -> tuple:
@@ -210,7 +243,7 @@ def target_feature_sample(model, dataset, n_pixels:int=3000, seed:int=0, ignore_
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     labels = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
     feats = torch.cat([model(images[i:i + 64]).features for i in range(0, len(images), 64)])
-    small = torch.nn.functional.interpolate(labels[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+    small = _at(labels, feats.shape[-2:])
     f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]); y = small.reshape(-1)
     keep = torch.nonzero(y != ignore_index)[:, 0]
     pick = keep[torch.randperm(len(keep), generator=g)[:n_pixels]]
