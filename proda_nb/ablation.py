@@ -11,8 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'ROW', 'RUN_FIELDS', 'AblationRow',
            'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors', 'check_root_config', 'run_ablation',
-           'collect_ablation', 'ablation_table', 'prototype_probe', 'target_feature_sample', 'plot_feature_space',
-           'main']
+           'ablation_base', 'collect_ablation', 'ablation_table', 'prototype_probe', 'target_feature_sample',
+           'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -175,6 +175,16 @@ def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, r
     Path(root, "ablation.json").write_text(json.dumps(results, indent=1))
     return results
 
+# %% ../nbs/16_ablation.ipynb #16base02
+def ablation_base(options=(), preset:str="synthcity") -> Config:
+    "The base configuration of a root's rows: `preset` with each `SECTION.FIELD=VALUE` of `options` set, progress bars off."
+    base = get_config(preset); base.run.progress = False
+    for option in options:
+        name, eq, value = option.partition("=")
+        if not eq: raise ValueError(f"--set {option}: expected SECTION.FIELD=VALUE")
+        set_option(base, name, value)                      # the string is parsed by the field's type
+    return base
+
 # %% ../nbs/16_ablation.ipynb #ba9edab2
 def collect_ablation(root="runs/ablation", seeds=None, rows=None) -> dict:
     "`ablation.json`'s dict from the finished runs under `root` (every seed folder found, or `seeds`) of `rows` (the table's)."
@@ -280,14 +290,11 @@ def main(argv=None):
                    help="change the synthcity preset for every row (a root keeps the settings it was made with)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.rows or ()) - set(ROW))
-    bad_set = [o for o in args.set if "=" not in o]
-    if unknown or bad_set:
-        print(f"error: unknown row {', '.join(unknown)}; the rows are {', '.join(ROW)}" if unknown else
-              f"error: --set {bad_set[0]}: expected SECTION.FIELD=VALUE", file=sys.stderr); return 2
+    if unknown:
+        print(f"error: unknown row {', '.join(unknown)}; the rows are {', '.join(ROW)}", file=sys.stderr); return 2
     rows = args.rows or [r.name for r in ROWS if not (args.no_oracle and r.name == "oracle")]
-    base = get_config("synthcity"); base.run.progress = False
     try:
-        for option in args.set: set_option(base, *option.partition("=")[::2])
+        base = ablation_base(args.set)
         check_root_config(args.out, base)
     except (ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr); return 2

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 # %% auto #0
 __all__ = ['BN_STATS', 'CHOICES', 'SYNTHCITY_STAGE1_ITERS', 'SYNTHCITY_TIME_CONSTANTS', 'Stage1Config', 'check_stage1_settings',
-           'prepare_offline_labels', 'checkpoint_prototypes', 'Stage1']
+           'prepare_offline_labels', 'checkpoint_prototypes', 'stage1_time_constants', 'Stage1']
 
 # %% ../nbs/12_stage1.ipynb #59e7d058
 import torch
@@ -97,11 +97,16 @@ def checkpoint_prototypes(obj):
     state = (obj.get("stage") or {}).get("state") or {}
     return state.get("prototypes", obj.get("prototypes"))
 
+# %% ../nbs/12_stage1.ipynb #12tc0002
+def stage1_time_constants(iters:int) -> dict:
+    """The release's prototype momentum (0.9999 per image, 4 images a step) and encoder momentum (0.999 per step),
+    matched to a stage 1 of `iters` steps with one prototype update a step: the same fraction forgotten over the run."""
+    return dict(proto_momentum=round(matched_momentum(0.9999, RELEASE_PROTOTYPE_UPDATES, iters), 4),
+                ema_momentum=round(matched_momentum(0.999, RELEASE_STEPS, iters), 4))
+
 # %% ../nbs/12_stage1.ipynb #fb263224
 SYNTHCITY_STAGE1_ITERS = 250            # about a minute and a half on two cores
-SYNTHCITY_TIME_CONSTANTS = dict(         # the release's momenta, matched to SynthCity's stage length (notebooks 09, 11)
-    proto_momentum=round(matched_momentum(0.9999, RELEASE_PROTOTYPE_UPDATES, SYNTHCITY_STAGE1_ITERS), 4),   # 0.905
-    ema_momentum=round(matched_momentum(0.999, RELEASE_STEPS, SYNTHCITY_STAGE1_ITERS), 4))                   # 0.779
+SYNTHCITY_TIME_CONSTANTS = stage1_time_constants(SYNTHCITY_STAGE1_ITERS)   # 0.905 and 0.779
 
 @register_stage("stage1", settings=Stage1Config, init="required", title="stage 1 (denoising + structure)",
                 paper=PaperResult("ProDA stage 1: denoising + structure learning", 53.7),
