@@ -11,8 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'ROW', 'RUN_FIELDS', 'AblationRow',
            'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors', 'check_root_config', 'run_ablation',
-           'ablation_base', 'collect_ablation', 'ablation_table', 'prototype_probe', 'target_feature_sample',
-           'plot_feature_space', 'main']
+           'ablation_base', 'collect_ablation', 'ablation_table', 'seed_steps', 'prototype_probe',
+           'target_feature_sample', 'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -213,6 +213,12 @@ def ablation_table(results:dict, step_from:str="previous"):
                       "paper (GTA5->CS)": row.paper})
         prev = r["miou_mean"]
     return pd.DataFrame(lines).set_index("row").round(1)
+
+# %% ../nbs/16_ablation.ipynb #16step02
+def seed_steps(results:dict, row:str, without:str) -> dict:
+    "`row` minus `without` per seed (`{seed: step}`) in `results` (`ablation.json`'s dict), for the seeds both finished."
+    per_seed = {r["name"]: r["per_seed"] for r in results["rows"]}
+    return {s: v - per_seed[without][s] for s, v in per_seed[row].items() if s in per_seed[without]}
 
 # %% ../nbs/16_ablation.ipynb #16probe1
 def _at(labels, size):
