@@ -9,10 +9,12 @@ from typing import NamedTuple
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'ROW', 'RUN_FIELDS', 'AblationRow',
-           'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors', 'check_root_config', 'run_ablation',
-           'ablation_base', 'collect_ablation', 'ablation_table', 'seed_steps', 'prototype_probe',
-           'target_feature_sample', 'plot_feature_space', 'main']
+__all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'START_CHAIN', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'DACS_START_ROWS',
+           'DACS_START_CONTROLS', 'PIPA_START_ROWS', 'PIPA_START_CONTROLS', 'START_ROWS', 'START_CONTROLS', 'ROW',
+           'RUN_FIELDS', 'AblationRow', 'chain_from', 'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row',
+           'ancestors', 'check_root_config', 'run_ablation', 'ablation_base', 'collect_ablation', 'ablation_table',
+           'seed_steps', 'step_table', 'prototype_probe', 'chain_steps', 'target_feature_sample', 'plot_feature_space',
+           'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -25,6 +27,7 @@ from .metrics import ConfusionMatrix
 from .models import adapt_batchnorm, network_from_checkpoint
 from .prototypes import initial_prototypes, prototype_distances
 from .pipeline import run_pipeline, stage_config
+from .stage1 import RELEASE_TIME_CONSTANTS
 
 # %% ../nbs/16_ablation.ipynb #5cfdf368
 class AblationRow(NamedTuple):
@@ -63,25 +66,39 @@ ROWS = [
 "The table's rows, in order. A None option keeps the preset's value (structure learning: gamma1, gamma2 as preset)."
 DEVIATION_ROWS = [
     AblationRow("st_sce_pd_release_momenta", "  + denoising, the release's momenta unmatched (0.9999, 0.999)", None,
-                "stage1", "warmup", {**ST, "sce": True, "denoise": True, "proto_momentum": 0.9999, "ema_momentum": 0.999}),
+                "stage1", "warmup", {**ST, "sce": True, "denoise": True, **RELEASE_TIME_CONSTANTS}),
     AblationRow("st_sce_pd_sl_kl_sum", "  stage 1 with the KL summed over classes (gamma1 = 10 weighs K times more)", None,
                 "stage1", "warmup", {"kl_per_class": False}),
 ]
 "Controls for SynthCity's deviations from the paper (not rows of its table): each sets one setting of a row back."
-DANN_START_ROWS = [
-    AblationRow("dann", "DANN, in place of the warm-up", None, "dann", "source_only"),
-    AblationRow("dann_st_sce", "  + self-training with SCE", None, "stage1", "dann", {**ST, "sce": True}),
-    AblationRow("dann_st_sce_pd", "  + prototypical denoising", None, "stage1", "dann", {**ST, "sce": True, "denoise": True}),
-    AblationRow("dann_st_sce_pd_sl", "  + denoising + structure learning (stage 1)", None, "stage1", "dann"),
-    AblationRow("dann_stage2", "stage 2: distillation, stage-1 init", None, "stage2", "dann_st_sce_pd_sl",
-                dict(student_init="teacher")),
-    AblationRow("dann_stage3", "stage 3", None, "stage3", "dann_stage2"),
-]
+START_CHAIN = {"st_sce": ("st_sce", "  + self-training with SCE"), "st_sce_pd": ("st_sce_pd", "  + prototypical denoising"),
+               "st_sce_pd_sl": ("st_sce_pd_sl", "  + denoising + structure learning (stage 1)"),
+               "stage2": ("stage2_stage1_init", "stage 2: distillation, stage-1 init"), "stage3": ("stage3", "stage 3")}
+"ProDA's chain after another start: row suffix -> (the table's row it repeats, title)."
+
+def chain_from(start:AblationRow, table=ROWS) -> tuple[list, dict]:
+    """ProDA's chain with `start` in place of the warm-up: `start`, then a row `<start>_<suffix>` for each row of
+    `START_CHAIN`, which is that row of `table` with its parent in the new chain; and each row -> its row of `table`."""
+    own, rows = {r.name: r for r in table}, [start]
+    controls = {start.name: next(r.parent for r in table if r.stage == "stage1")}       # the start the table's stage 1 has
+    renamed = {controls[start.name]: start.name}
+    for suffix, (name, title) in START_CHAIN.items():
+        control = own[name]
+        rows.append(AblationRow(f"{start.name}_{suffix}", title, None, control.stage, renamed[control.parent], control.options))
+        renamed[name] = rows[-1].name; controls[rows[-1].name] = name
+    return rows, controls
+
+DANN_START_ROWS, DANN_START_CONTROLS = chain_from(AblationRow("dann", "DANN, in place of the warm-up", None, "dann", "source_only"))
 "ProDA's chain from another start (not rows of the paper's table): DANN's model, whose target features are aligned."
-DANN_START_CONTROLS = {"dann": "warmup", "dann_st_sce": "st_sce", "dann_st_sce_pd": "st_sce_pd",
-                       "dann_st_sce_pd_sl": "st_sce_pd_sl", "dann_stage2": "stage2_stage1_init", "dann_stage3": "stage3"}
-"Each DANN-start row -> the row of the table that is the same run from the warm-up."
-ROW = {r.name: r for r in ROWS + DEVIATION_ROWS + DANN_START_ROWS}
+DACS_START_ROWS, DACS_START_CONTROLS = chain_from(AblationRow("dacs", "DACS, in place of the warm-up", None, "dacs", "source_only"))
+"The same from DACS's model (cross-domain ClassMix with a mean teacher, notebook 21)."
+PIPA_START_ROWS, PIPA_START_CONTROLS = chain_from(AblationRow("pipa_pixel", "PiPa's pixel contrast on DACS, in place of the warm-up",
+                                                              None, "pipa", "source_only", dict(patch=False)))
+"The same from PiPa's pixel contrast on its DACS host (notebook 22), which pulls each class's features together."
+START_ROWS = DANN_START_ROWS + DACS_START_ROWS + PIPA_START_ROWS
+START_CONTROLS = {**DANN_START_CONTROLS, **DACS_START_CONTROLS, **PIPA_START_CONTROLS}
+"Every row of the chains from other starts, and each one's row of the table."
+ROW = {r.name: r for r in ROWS + DEVIATION_ROWS + START_ROWS}
 
 # %% ../nbs/16_ablation.ipynb #6856f0b8
 def row_config(base:Config, root, seed:int, row:AblationRow) -> Config:
@@ -160,14 +177,14 @@ def check_root_config(root, base:Config, name:str="runs.json") -> dict:
 
 def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, rows=None, log=print) -> dict:
     """Train every missing row of every seed under `root` (parents first); write and return `ablation.json`'s dict:
-    the table's finished rows, and the other `rows` asked for (deviation controls, the DANN-start chain)."""
+    the table's finished rows, and the other `rows` asked for (deviation controls, the chains from other starts)."""
     base = base or get_config("synthcity")
     check_root_config(root, base)
     wanted = set(rows or [r.name for r in ROWS])
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:
         t0 = time.time()
-        for row in ROWS + DEVIATION_ROWS + DANN_START_ROWS:        # the table's order: parents before children
+        for row in ROWS + DEVIATION_ROWS + START_ROWS:            # the table's order: parents before children
             if row.name in wanted: run_row(base, root, seed, row)
         if log: log(f"seed {seed}: {time.time() - t0:.0f} s")
     shown = [r for r in ROW.values() if r in ROWS or r.name in wanted]      # the table's rows, and any asked for
@@ -220,6 +237,17 @@ def seed_steps(results:dict, row:str, without:str) -> dict:
     per_seed = {r["name"]: r["per_seed"] for r in results["rows"]}
     return {s: v - per_seed[without][s] for s, v in per_seed[row].items() if s in per_seed[without]}
 
+# %% ../nbs/16_ablation.ipynb #16step05
+def step_table(results:dict, pairs) -> "pd.DataFrame":
+    "For each `(row, without)` of `pairs`: the step `row - without` in `results`, its mean and std over the seeds, each seed's."
+    import pandas as pd
+    lines = []
+    for row, without in pairs:
+        v = list(seed_steps(results, row, without).values())
+        lines.append({"step": f"{row} - {without}", "mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                      "per seed": ", ".join(f"{x:+.2f}" for x in v)})
+    return pd.DataFrame(lines).set_index("step").round(2)
+
 # %% ../nbs/16_ablation.ipynb #16probe1
 def _at(labels, size):
     "`labels` (B,H,W) at feature resolution `size`, nearest neighbour."
@@ -249,6 +277,19 @@ def prototype_probe(model, train, val, classes=None, batch_size:int=100, ignore_
         for k, read in readings.items(): cms[k].update(read(out), y)
     return {k: round(cm.miou(classes), 1) for k, cm in cms.items()}
 
+
+# %% ../nbs/16_ablation.ipynb #16chain1
+def chain_steps(results:dict, rows) -> "pd.DataFrame":
+    """The steps of the chain `rows` (another start, then its `START_CHAIN` rows) in `results`: the start over source only,
+    each row over the one before, the end over the start and over source only; named by the table's rows they repeat."""
+    names = ["source_only", *(r.name for r in rows)]
+    pairs = [*zip(names[1:], names[:-1]), (names[-1], names[1]), (names[-1], "source_only")]
+    table = step_table(results, pairs)
+    generic = lambda n: "start" if n == names[1] else START_CONTROLS.get(n, n)
+    table.index = [f"{generic(a)} - {generic(b)}" for a, b in pairs]
+    miou = {r["name"]: r["miou_mean"] for r in results["rows"]}
+    table.insert(0, "mIoU", [round(miou[a], 1) for a, _ in pairs])
+    return table
 
 # %% ../nbs/16_ablation.ipynb #4b403063
 @torch.no_grad()
@@ -291,7 +332,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle row")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="these rows (and the rows they start from) instead of the "
-                   "table's: any of the table's, the deviation controls' or the DANN-start chain's names (notebook 16)")
+                   "table's: any of the table's, the deviation controls' or the names of the chains from other starts (notebook 16)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="change the synthcity preset for every row (a root keeps the settings it was made with)")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ except ImportError: fcntl = None                # (not on Windows: no waiting fo
 # %% auto #0
 __all__ = ['RECIPES', 'pipeline_stages', 'stage_config', 'benchmark_name', 'stage_title', 'results_table', 'load_results',
            'run_pipeline', 'plot_per_class_iou', 'plot_predictions', 'Recipe', 'register_recipe', 'get_recipe',
-           'recipe_config', 'train_once']
+           'recipe_config', 'train_once', 'train_once_miou']
 
 # %% ../nbs/15_pipeline.ipynb #66f1dbae
 import numpy as np
@@ -240,3 +240,7 @@ def train_once(out, stage:str="source_only", preset:str="synthcity", **options) 
         out.mkdir(parents=True, exist_ok=True); marker.write_text(json.dumps(request))
         Trainer(cfg).fit(resume=ckpt if ours and ckpt.is_file() else None)
     return ckpt
+
+def train_once_miou(out, stage:str="source_only", preset:str="synthcity", **options) -> tuple[Path, float]:
+    "`train_once`, and the target mIoU the run ended with (its `metrics.json`)."
+    return train_once(out, stage, preset, **options), json.loads((Path(out) / "metrics.json").read_text())["miou"]

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 # %% auto #0
-__all__ = ['BN_STATS', 'CHOICES', 'SYNTHCITY_STAGE1_ITERS', 'SYNTHCITY_TIME_CONSTANTS', 'Stage1Config', 'check_stage1_settings',
-           'prepare_offline_labels', 'checkpoint_prototypes', 'stage1_time_constants', 'Stage1']
+__all__ = ['BN_STATS', 'CHOICES', 'RELEASE_TIME_CONSTANTS', 'SYNTHCITY_STAGE1_ITERS', 'SYNTHCITY_TIME_CONSTANTS', 'Stage1Config',
+           'check_stage1_settings', 'prepare_offline_labels', 'checkpoint_prototypes', 'stage1_time_constants',
+           'Stage1']
 
 # %% ../nbs/12_stage1.ipynb #59e7d058
 import torch
@@ -98,11 +99,14 @@ def checkpoint_prototypes(obj):
     return state.get("prototypes", obj.get("prototypes"))
 
 # %% ../nbs/12_stage1.ipynb #12tc0002
+RELEASE_TIME_CONSTANTS = dict(proto_momentum=Stage1Config.proto_momentum, ema_momentum=Stage1Config.ema_momentum)
+"The release's momenta, `Stage1Config`'s defaults: the prototypes' lambda per image update, the encoder's m per step."
+
 def stage1_time_constants(iters:int) -> dict:
-    """The release's prototype momentum (0.9999 per image, 4 images a step) and encoder momentum (0.999 per step),
-    matched to a stage 1 of `iters` steps with one prototype update a step: the same fraction forgotten over the run."""
-    return dict(proto_momentum=round(matched_momentum(0.9999, RELEASE_PROTOTYPE_UPDATES, iters), 4),
-                ema_momentum=round(matched_momentum(0.999, RELEASE_STEPS, iters), 4))
+    """The release's prototype momentum (per image, 4 images a step) and encoder momentum (per step), matched to a
+    stage 1 of `iters` steps with one prototype update a step: the same fraction forgotten over the run."""
+    return dict(proto_momentum=round(matched_momentum(RELEASE_TIME_CONSTANTS["proto_momentum"], RELEASE_PROTOTYPE_UPDATES, iters), 4),
+                ema_momentum=round(matched_momentum(RELEASE_TIME_CONSTANTS["ema_momentum"], RELEASE_STEPS, iters), 4))
 
 # %% ../nbs/12_stage1.ipynb #fb263224
 SYNTHCITY_STAGE1_ITERS = 250            # about a minute and a half on two cores
@@ -112,7 +116,7 @@ SYNTHCITY_TIME_CONSTANTS = stage1_time_constants(SYNTHCITY_STAGE1_ITERS)   # 0.9
                 paper=PaperResult("ProDA stage 1: denoising + structure learning", 53.7),
                 presets={"synthcity": dict(iters=SYNTHCITY_STAGE1_ITERS, lr=0.02, weak_crop=(96, 48), init_adabn=False,
                                            kl_per_class=True, **SYNTHCITY_TIME_CONSTANTS),
-                         "synthcity_v1": dict(init_adabn=True, kl_per_class=False, proto_momentum=0.9999, ema_momentum=0.999),
+                         "synthcity_v1": dict(init_adabn=True, kl_per_class=False, **RELEASE_TIME_CONSTANTS),
                          "gta5_to_cityscapes": dict(init_adabn=False, weak_crop=(896, 512), weak_scale=(0.5, 1.5), lr=1e-4,
                                                     head_lr_mult=1.0, kl_per_class=True, proto_update="image", bn_stats="all"),
                          "synthia_to_cityscapes": dict(gamma2=0.0)})                  # the release's SYNTHIA command

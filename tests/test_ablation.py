@@ -4,11 +4,11 @@ import json, os, signal, subprocess, sys, time
 import torch
 
 from conftest import REPO, max_diff, run_cli
-from proda_nb.ablation import ROW
+from proda_nb.ablation import ROW, ablation_table
 
 ABLATION = (sys.executable, "-m", "proda_nb.ablation")
 # the synthcity preset cut down to seconds, for every row
-TINY = [arg for option in ("schedule.iters=3", "warmup.iters=2", "dann.iters=2", "stage1.iters=6", "optim.batch_size=4",
+TINY = [arg for option in ("schedule.iters=3", "warmup.iters=2", "dann.iters=2", "pipa.iters=2", "stage1.iters=6", "optim.batch_size=4",
                            "data.synthcity_n=16", "data.max_val=4", "run.tensorboard=false", "run.ckpt_every=1",
                            "run.log_every=1")
         for arg in ("--set", option)]
@@ -46,11 +46,12 @@ def test_writes_the_table_and_resumes_a_killed_row(tmp_path):
 
 def test_the_dann_start_chain_and_bad_input(tmp_path):
     r = run_cli("--out", tmp_path, "--seeds", "0", "--rows", "dann_st_sce", *TINY, launcher=ABLATION)
-    lines = [l for l in r.stdout.splitlines() if "[" in l]
-    assert [l.split("[")[-1].split("]")[0] for l in lines] == ["source_only", "dann", "dann_st_sce"]
-    table = {row["name"]: row for row in json.loads((tmp_path / "ablation.json").read_text())["rows"]}
-    assert list(table) == ["source_only", "dann", "dann_st_sce"]             # the file holds what was printed
-    step = float(lines[-1].split()[-2])                                 # mIoU std seeds step paper: the step from its parent
+    results = json.loads((tmp_path / "ablation.json").read_text())
+    table = {row["name"]: row for row in results["rows"]}
+    assert list(table) == ["source_only", "dann", "dann_st_sce"]             # the row and the rows it starts from
+    printed = ablation_table(results, "parent")
+    assert printed.to_string() in r.stdout                              # what was printed is the file's table
+    step = printed.loc[f"{ROW['dann_st_sce'].title} [dann_st_sce]", "step"]     # the step from its parent, DANN's model
     assert abs(step - (table["dann_st_sce"]["miou_mean"] - table["dann"]["miou_mean"])) <= 0.051
     config = json.loads((tmp_path / "seed0" / "dann_st_sce" / "config.json").read_text())
     assert config["stage1"]["init"] == str(tmp_path / "seed0" / "dann" / "checkpoint.pt")     # DANN's model is its start
@@ -65,3 +66,12 @@ def test_the_dann_start_chain_and_bad_input(tmp_path):
     assert bad.stderr.startswith("error: option dann.iters:")
     other = run_cli(*dann, "--set", "dann.lr=0.5", launcher=ABLATION, ok=False)
     assert other.returncode == 2 and "were made with other settings (dann.lr)" in other.stderr     # one root, one benchmark
+
+
+def test_the_pipa_start_chain(tmp_path):
+    run_cli("--out", tmp_path, "--seeds", "0", "--rows", "pipa_pixel_st_sce", *TINY, launcher=ABLATION)
+    start = json.loads((tmp_path / "seed0" / "pipa_pixel" / "config.json").read_text())
+    assert (start["stage"], start["pipa"]["patch"], start["pipa"]["pixel"]) == ("pipa", False, True)   # the pixel contrast only
+    assert start["pipa"]["init"] == str(tmp_path / "seed0" / "source_only" / "checkpoint.pt")
+    config = json.loads((tmp_path / "seed0" / "pipa_pixel_st_sce" / "config.json").read_text())
+    assert config["stage1"]["init"] == str(tmp_path / "seed0" / "pipa_pixel" / "checkpoint.pt")   # PiPa's model is its start
