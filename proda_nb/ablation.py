@@ -10,11 +10,11 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['ST', 'ROWS', 'DEVIATION_ROWS', 'START_CHAIN', 'DANN_START_ROWS', 'DANN_START_CONTROLS', 'DACS_START_ROWS',
-           'DACS_START_CONTROLS', 'PIPA_START_ROWS', 'PIPA_START_CONTROLS', 'START_ROWS', 'START_CONTROLS', 'ROW',
-           'RUN_FIELDS', 'AblationRow', 'chain_from', 'row_config', 'oracle_trainer', 'adabn_metrics', 'run_row',
-           'ancestors', 'check_root_config', 'run_ablation', 'ablation_base', 'collect_ablation', 'ablation_table',
-           'seed_steps', 'step_table', 'prototype_probe', 'chain_steps', 'target_feature_sample', 'plot_feature_space',
-           'main']
+           'DACS_START_CONTROLS', 'PIPA_START_ROWS', 'PIPA_START_CONTROLS', 'START_ROWS', 'START_CONTROLS', 'PD',
+           'TRUE_PROTOTYPES', 'PROTOTYPE_INIT_ROWS', 'ROW', 'RUN_FIELDS', 'AblationRow', 'chain_from', 'row_config',
+           'oracle_trainer', 'adabn_metrics', 'run_row', 'ancestors', 'check_root_config', 'run_ablation',
+           'ablation_base', 'collect_ablation', 'ablation_table', 'seed_steps', 'step_table', 'nearest_prototype_miou',
+           'prototype_probe', 'chain_steps', 'target_feature_sample', 'plot_feature_space', 'main']
 
 # %% ../nbs/16_ablation.ipynb #66f1dbae
 import numpy as np
@@ -25,7 +25,7 @@ from .engine import Config, Trainer, get_config, get_stage, build_datasets, eval
 from .data import dataset_from_config
 from .metrics import ConfusionMatrix
 from .models import adapt_batchnorm, network_from_checkpoint
-from .prototypes import initial_prototypes, prototype_distances
+from .prototypes import initial_prototypes, prototype_distances, resize_labels, true_class_means
 from .pipeline import run_pipeline, stage_config
 from .stage1 import RELEASE_TIME_CONSTANTS
 
@@ -98,7 +98,21 @@ PIPA_START_ROWS, PIPA_START_CONTROLS = chain_from(AblationRow("pipa_pixel", "PiP
 START_ROWS = DANN_START_ROWS + DACS_START_ROWS + PIPA_START_ROWS
 START_CONTROLS = {**DANN_START_CONTROLS, **DACS_START_CONTROLS, **PIPA_START_CONTROLS}
 "Every row of the chains from other starts, and each one's row of the table."
-ROW = {r.name: r for r in ROWS + DEVIATION_ROWS + START_ROWS}
+PD = {**ST, "sce": True, "denoise": True}
+TRUE_PROTOTYPES = dict(init_prototypes="target_labels", proto_momentum=1.0)
+PROTOTYPE_INIT_ROWS = [
+    AblationRow("st_sce_pd_true_prototypes", "  + denoising, the true class means as frozen prototypes (reads target labels: a bound)",
+                None, "stage1", "warmup", {**PD, **TRUE_PROTOTYPES}),
+    AblationRow("st_sce_pd_true_prototypes_updated", "  + denoising, the true class means as initial prototypes, updated as usual",
+                None, "stage1", "warmup", {**PD, "init_prototypes": "target_labels"}),
+    AblationRow("st_sce_pd_confident_prototypes", "  + denoising, initial prototypes from each class's most confident half",
+                None, "stage1", "warmup", {**PD, "proto_init_portion": 0.5}),
+    AblationRow("pipa_pixel_st_sce_pd_true_prototypes", "  + denoising after PiPa's pixel contrast, the true class means frozen",
+                None, "stage1", "pipa_pixel", {**PD, **TRUE_PROTOTYPES}),
+]
+"Stage 1's denoising with other initial prototypes (not rows of the paper's table): the bound, and a label-free try."
+ROW = {r.name: r for r in ROWS + DEVIATION_ROWS + START_ROWS + PROTOTYPE_INIT_ROWS}
+"Every row by name, parents before children."
 
 # %% ../nbs/16_ablation.ipynb #6856f0b8
 def row_config(base:Config, root, seed:int, row:AblationRow) -> Config:
@@ -184,7 +198,7 @@ def run_ablation(root="runs/ablation", seeds=(0, 1, 2), base:Config|None=None, r
     wanted |= {a for n in list(wanted) for a in ancestors(n)}
     for seed in seeds:
         t0 = time.time()
-        for row in ROWS + DEVIATION_ROWS + START_ROWS:            # the table's order: parents before children
+        for row in ROW.values():                                  # parents before children
             if row.name in wanted: run_row(base, root, seed, row)
         if log: log(f"seed {seed}: {time.time() - t0:.0f} s")
     shown = [r for r in ROW.values() if r in ROWS or r.name in wanted]      # the table's rows, and any asked for
@@ -249,43 +263,39 @@ def step_table(results:dict, pairs) -> "pd.DataFrame":
     return pd.DataFrame(lines).set_index("step").round(2)
 
 # %% ../nbs/16_ablation.ipynb #16probe1
-def _at(labels, size):
-    "`labels` (B,H,W) at feature resolution `size`, nearest neighbour."
-    return torch.nn.functional.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-
 @torch.no_grad()
-def prototype_probe(model, train, val, classes=None, batch_size:int=100, ignore_index:int=255) -> dict:
-    """mIoU on `val` (over the train ids `classes`) of three readings of `model`'s features: the classifier's argmax,
-    the nearest initial prototype (stage 1's start: class means of what the model *predicts* on `train`) and the
-    nearest true class mean (class means of what `train`'s pixels *are*, which stage 1 never has)."""
+def nearest_prototype_miou(model, val, prototypes:dict, classes=None, batch_size:int=100) -> dict:
+    """mIoU on `val` (over the train ids `classes`, at feature resolution) of the classifier's argmax and of the
+    nearest prototype for each named (K,D) set in `prototypes`: `{"classifier argmax": miou, name: miou, ...}`."""
     model.eval()
-    protos = initial_prototypes(model, train)
-    sums, counts = torch.zeros_like(protos), torch.zeros(len(protos))
-    for b in torch.utils.data.DataLoader(train, batch_size=batch_size):
-        f = model(b["image"]).features
-        f, y = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), _at(b["label"], f.shape[-2:]).reshape(-1)
-        keep = y != ignore_index
-        sums.index_add_(0, y[keep], f[keep]); counts += torch.bincount(y[keep], minlength=len(protos)).float()
-    true_means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], float("nan"))
+    K = len(next(iter(prototypes.values())))
     readings = {"classifier argmax": lambda out: out.logits.argmax(1),
-                "nearest initial prototype": lambda out: prototype_distances(out.features, protos).argmin(1),
-                "nearest true class mean": lambda out: prototype_distances(out.features, true_means).argmin(1)}
-    cms = {k: ConfusionMatrix(len(protos)) for k in readings}
+                **{name: (lambda out, p=p: prototype_distances(out.features, p).argmin(1)) for name, p in prototypes.items()}}
+    cms = {k: ConfusionMatrix(K) for k in readings}
     for b in torch.utils.data.DataLoader(val, batch_size=batch_size):
         out = model(b["image"])
-        y = _at(b["label"], out.features.shape[-2:])
+        y = resize_labels(b["label"], out.features.shape[-2:])
         for k, read in readings.items(): cms[k].update(read(out), y)
     return {k: round(cm.miou(classes), 1) for k, cm in cms.items()}
 
+def prototype_probe(model, train, val, classes=None, batch_size:int=100) -> dict:
+    """Three readings of `model`'s features on `val`: the classifier's argmax, the nearest initial prototype (stage
+    1's start: class means of what the model *predicts* on `train`) and the nearest true class mean (class means of
+    what `train`'s pixels *are*, which stage 1 never has)."""
+    protos = {"nearest initial prototype": initial_prototypes(model, train, batch_size=batch_size),
+              "nearest true class mean": true_class_means(model, train, batch_size=batch_size)}
+    return nearest_prototype_miou(model, val, protos, classes, batch_size)
+
 
 # %% ../nbs/16_ablation.ipynb #16chain1
-def chain_steps(results:dict, rows) -> "pd.DataFrame":
+def chain_steps(results:dict, rows, controls:dict) -> "pd.DataFrame":
     """The steps of the chain `rows` (another start, then its `START_CHAIN` rows) in `results`: the start over source only,
-    each row over the one before, the end over the start and over source only; named by the table's rows they repeat."""
+    each row over the one before, the end over the start and over source only; named by the table's rows they repeat
+    (`controls`, as `chain_from` returns them)."""
     names = ["source_only", *(r.name for r in rows)]
     pairs = [*zip(names[1:], names[:-1]), (names[-1], names[1]), (names[-1], "source_only")]
     table = step_table(results, pairs)
-    generic = lambda n: "start" if n == names[1] else START_CONTROLS.get(n, n)
+    generic = lambda n: "start" if n == names[1] else controls.get(n, n)
     table.index = [f"{generic(a)} - {generic(b)}" for a, b in pairs]
     miou = {r["name"]: r["miou_mean"] for r in results["rows"]}
     table.insert(0, "mIoU", [round(miou[a], 1) for a, _ in pairs])
@@ -300,7 +310,7 @@ def target_feature_sample(model, dataset, n_pixels:int=3000, seed:int=0, ignore_
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     labels = torch.stack([dataset[i]["label"] for i in range(len(dataset))])
     feats = torch.cat([model(images[i:i + 64]).features for i in range(0, len(images), 64)])
-    small = _at(labels, feats.shape[-2:])
+    small = resize_labels(labels, feats.shape[-2:])
     f = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]); y = small.reshape(-1)
     keep = torch.nonzero(y != ignore_index)[:, 0]
     pick = keep[torch.randperm(len(keep), generator=g)[:n_pixels]]
@@ -332,7 +342,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle row")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="these rows (and the rows they start from) instead of the "
-                   "table's: any of the table's, the deviation controls' or the names of the chains from other starts (notebook 16)")
+                   "table's: any of the table's, the deviation controls', the chains from other starts' or the other initial "
+                   "prototypes' (notebook 16)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="change the synthcity preset for every row (a root keeps the settings it was made with)")
     args = p.parse_args(argv)

@@ -12,7 +12,7 @@ __all__ = ['BOUNDS', 'ROW_ORDER', 'adabn_row', 'oracle_row', 'source_checkpoint'
            'stage_settings_of', 'row_stage_settings', 'common_stages', 'prefix_length', 'shared_prefix', 'row_needs',
            'adopt_stages', 'holder_of', 'claim_row', 'release_row', 'method_rows', 'donors_first', 'next_row',
            'run_methods', 'collect_methods', 'stage_steps', 'row_costs', 'measure_step_costs', 'methods_table',
-           'plot_methods', 'base_config', 'main']
+           'plot_methods', 'main']
 
 # %% ../nbs/24_methods.ipynb #66f1dbae
 import numpy as np
@@ -24,7 +24,7 @@ from .data import dataset_from_config, discover_plugins
 from .models import adapt_batchnorm, network_from_checkpoint
 from .pipeline import (RECIPES, Recipe, get_recipe, recipe_config, register_recipe, run_pipeline,
                                stage_config, load_results)
-from .ablation import check_root_config
+from .ablation import ablation_base, check_root_config
 
 # %% ../nbs/24_methods.ipynb #d0a854ae
 def adabn_row(cfg:Config, seed_root:Path, source_checkpoint:Path) -> dict:
@@ -227,7 +227,7 @@ def next_row(pending:list, needs:dict, done:set, held:set):
 def run_methods(root, seeds=(0, 1, 2), rows=None, options=(), log=print) -> dict:
     """Train every missing row of every seed under `root`, each in a fresh process, then write and return methods.json
     of the finished rows. Rows claimed by another process are left to it; a row waits for the rows it starts from."""
-    root, names, base = Path(root), method_rows(rows), base_config(options)
+    root, names, base = Path(root), method_rows(rows), ablation_base(options)
     check_root_config(root, base)                          # every row of a root comes from one benchmark
     order = method_rows()
     pending = [(s, n) for s in seeds for n in names]
@@ -306,7 +306,7 @@ def row_costs(stage_seconds:list, row_stages:dict) -> dict:
 def measure_step_costs(root, seed:int=0, rows=None, base:Config|None=None, steps:int=8, rounds:int=2, log=print) -> dict:
     """Seconds per training step of every finished row of `seed` under `root`, measured in this process: each distinct
     stage `rounds` times in turn, `steps` timed steps each from the row's own starting checkpoints."""
-    root, base = Path(root), base or base_config()
+    root, base = Path(root), base or ablation_base()
     names = [n for n in method_rows(rows) if get_recipe(n).stages and (root / f"seed{seed}" / n / "row.json").is_file()]
     jobs, keys, row_stages = [], {}, {}
     for name in names:
@@ -371,14 +371,6 @@ def plot_methods(results:dict, ax=None):
     return ax
 
 # %% ../nbs/24_methods.ipynb #38ea31cc
-def base_config(options=()) -> Config:
-    "The synthcity preset with `options` ('section.field=value') applied: what every row starts from."
-    cfg = get_config("synthcity")
-    for o in options:
-        key, _, value = o.partition("=")
-        set_option(cfg, key, value)
-    return cfg
-
 def main(argv=None) -> int:
     "`python -m proda_nb.methods`: train the missing rows of the methods table and print it."
     p = argparse.ArgumentParser(prog="python -m proda_nb.methods", description="The methods table on SynthCity.")
@@ -393,11 +385,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.row:
-            run_row(args.row, args.seed, args.out, base_config(args.set)); return 0
+            run_row(args.row, args.seed, args.out, ablation_base(args.set)); return 0
         rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
         results = run_methods(args.out, args.seeds, rows, args.set)
         if args.cost:
-            cost = measure_step_costs(args.out, args.seeds[0], rows, base_config(args.set), args.cost_steps, args.cost_rounds)
+            cost = measure_step_costs(args.out, args.seeds[0], rows, ablation_base(args.set), args.cost_steps, args.cost_rounds)
             (Path(args.out) / "cost.json").write_text(json.dumps(cost, indent=1))
             results = collect_methods(args.out, args.seeds, [r["name"] for r in results["rows"]])
             (Path(args.out) / "methods.json").write_text(json.dumps(results, indent=1))

@@ -8,7 +8,8 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['RELEASE_STEPS', 'RELEASE_PROTOTYPE_UPDATES', 'has_prototype', 'prototype_distances', 'prototype_weights',
            'rectify_pseudo_labels', 'resize_labels', 'class_feature_sums', 'update_prototypes',
-           'update_prototypes_per_image', 'fraction_travelled', 'matched_momentum', 'initial_prototypes']
+           'update_prototypes_per_image', 'fraction_travelled', 'matched_momentum', 'initial_prototypes',
+           'true_class_means']
 
 # %% ../nbs/09_prototypes.ipynb #ed74d16d
 import torch
@@ -178,10 +179,12 @@ def matched_momentum(momentum:float, reference_updates:int, updates:int) -> floa
 # %% ../nbs/09_prototypes.ipynb #24b57f5c
 @torch.no_grad()
 def initial_prototypes(model:nn.Module, dataset, batch_size:int=16, min_pixels:int=10, device=None,
-                       num_workers:int=0, distributed:bool=False, return_counts:bool=False, progress:bool=False):
+                       num_workers:int=0, distributed:bool=False, return_counts:bool=False, progress:bool=False,
+                       thresholds:Tensor|None=None):
     """Prototypes (K,D) from `model` over `dataset` (samples with an "image"): per image and class predicted on at
     least `min_pixels` pixels at feature resolution, the mean feature; averaged over images. Classes never
-    predicted that often are NaN rows. `return_counts=True` also returns the (K,) number of contributing images."""
+    predicted that often are NaN rows. `return_counts=True` also returns the (K,) number of contributing images.
+    With `thresholds` (K,), a pixel predicted as k counts only if its softmax confidence is at least `thresholds[k]`."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     indices = list(range(len(dataset)))
     if distributed and dist.is_available() and dist.is_initialized():
@@ -204,6 +207,9 @@ def initial_prototypes(model:nn.Module, dataset, batch_size:int=16, min_pixels:i
                 total = torch.zeros(K, D, dtype=torch.float64, device=device)
                 images = torch.zeros(K, dtype=torch.float64, device=device)
             image_class = torch.arange(B, device=device)[:, None, None] * K + logits.argmax(1)   # (B,h,w) ids b*K+k
+            if thresholds is not None:                                # drop the pixels below their class's threshold
+                confidence, pred = logits.float().softmax(1).max(1)
+                image_class = image_class.masked_fill(confidence < thresholds.to(device)[pred], -1)
             sums, counts = class_feature_sums(features, image_class, B * K, ignore_index=-1)     # (B*K,D), (B*K,)
             keep = counts >= min_pixels                                                       # (B*K,)
             means = sums.double() / counts.double().clamp_min(1)[:, None]
@@ -217,3 +223,25 @@ def initial_prototypes(model:nn.Module, dataset, batch_size:int=16, min_pixels:i
     prototypes = (total / images.clamp_min(1)[:, None]).float()
     prototypes[images == 0] = float("nan")
     return (prototypes, images.long()) if return_counts else prototypes
+
+# %% ../nbs/09_prototypes.ipynb #09pick02
+@torch.no_grad()
+def true_class_means(model:nn.Module, dataset, batch_size:int=100, device=None, ignore_index:int=IGNORE_INDEX) -> Tensor:
+    """(K,D): the mean feature of `model` over the pixels of each true class of `dataset` (samples with "image" and
+    "label"), labels resized to the features' grid (nearest), pooled over the set; NaN for a class with no pixel."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = counts = None
+    try:
+        for sample in DataLoader(dataset, batch_size=batch_size):
+            features, logits = model(sample["image"].to(device))
+            labels = resize_labels(sample["label"].to(device), features.shape[-2:])
+            s, c = class_feature_sums(features.float(), labels, logits.shape[1], ignore_index=ignore_index)
+            sums, counts = (s.double(), c.double()) if sums is None else (sums + s, counts + c)
+    finally:
+        model.train(was_training)
+    if sums is None: raise ValueError(f"true_class_means: the dataset has no image")
+    means = (sums / counts.clamp_min(1)[:, None]).float()
+    means[counts == 0] = float("nan")
+    return means

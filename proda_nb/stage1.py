@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 # %% auto #0
 __all__ = ['BN_STATS', 'CHOICES', 'RELEASE_TIME_CONSTANTS', 'SYNTHCITY_STAGE1_ITERS', 'SYNTHCITY_TIME_CONSTANTS', 'Stage1Config',
            'check_stage1_settings', 'prepare_offline_labels', 'checkpoint_prototypes', 'stage1_time_constants',
-           'Stage1']
+           'labelled_prototypes', 'Stage1', 'read_graded_log', 'graded_summary']
 
 # %% ../nbs/12_stage1.ipynb #59e7d058
 import torch
@@ -29,9 +29,9 @@ from .consistency import (weak_view, strong_view, warp, compose, prototype_kl, e
                                   create_ema_model, ema_update, ema_pairs)
 from .sce import symmetric_cross_entropy
 from .prototypes import (prototype_weights, rectify_pseudo_labels, update_prototypes, update_prototypes_per_image,
-                                 initial_prototypes, has_prototype, matched_momentum, RELEASE_STEPS,
+                                 initial_prototypes, true_class_means, has_prototype, matched_momentum, RELEASE_STEPS,
                                  RELEASE_PROTOTYPE_UPDATES)
-from .pseudo_labels import SoftLabelStore, StoreError, build_soft_label_store, checkpoint_id
+from .pseudo_labels import SoftLabelStore, StoreError, build_soft_label_store, checkpoint_id, cbst_thresholds
 from .labels import IGNORE_INDEX
 
 # %% ../nbs/12_stage1.ipynb #de9ac6da
@@ -55,12 +55,13 @@ class Stage1Config(StageConfig):
     bn_stats: str = "target"           # student's BN running statistics from: target (weak views only) | all (every pass)
     kl_per_class: bool = False         # divide the prototype KL by the number of classes too (the release's normaliser)
     proto_update: str = "batch"        # batch (one step towards the batch's class means) | image (one step per image: the release)
-    init_prototypes: str = "compute"   # compute (from the init model) | checkpoint (the init file's: a release file's objective_vectors)
+    init_prototypes: str = "compute"   # compute (from the init model) | checkpoint (the init file's: a release file's objective_vectors) | target_labels (the true class means: a bound, it reads the target's labels)
+    proto_init_portion: float = 1.0    # computed initial prototypes average each class's most confident portion of its predicted pixels (CBST's thresholds; 1 = all, the release)
     source_backward: str = "early"     # early (source CE back-propagated before the target passes: the release) | joint
     grade: bool = False                # log the labels' accuracy against the target's own labels and the prototypes' travel (never in the loss)
 
 BN_STATS = ("target", "all")
-CHOICES = {"bn_stats": BN_STATS, "proto_update": ("batch", "image"), "init_prototypes": ("compute", "checkpoint"),
+CHOICES = {"bn_stats": BN_STATS, "proto_update": ("batch", "image"), "init_prototypes": ("compute", "checkpoint", "target_labels"),
            "source_backward": ("early", "joint")}
 
 def check_stage1_settings(s:Stage1Config) -> Stage1Config:
@@ -69,6 +70,11 @@ def check_stage1_settings(s:Stage1Config) -> Stage1Config:
         if getattr(s, name) not in allowed: raise ValueError(f"stage1.{name} must be one of {allowed}, got {getattr(s, name)!r}")
     for name in ("gamma1", "gamma2", "sce_alpha", "sce_beta", "iters", "lr"):
         if getattr(s, name) < 0: raise ValueError(f"stage1.{name} must be >= 0, got {getattr(s, name)}")
+    if not 0 < s.proto_init_portion <= 1:
+        raise ValueError(f"stage1.proto_init_portion must be in (0, 1], got {s.proto_init_portion}")
+    if s.proto_init_portion < 1 and s.init_prototypes != "compute":
+        raise ValueError(f"stage1.proto_init_portion={s.proto_init_portion} chooses pixels of computed prototypes; "
+                         f"init_prototypes={s.init_prototypes} computes none (use compute)")
     if not s.tau > 0: raise ValueError(f"stage1.tau must be positive, got {s.tau}")
     return s
 
@@ -109,6 +115,14 @@ def stage1_time_constants(iters:int) -> dict:
                 ema_momentum=round(matched_momentum(RELEASE_TIME_CONSTANTS["ema_momentum"], RELEASE_STEPS, iters), 4))
 
 # %% ../nbs/12_stage1.ipynb #fb263224
+def labelled_prototypes(model, target, device) -> Tensor:
+    "`stage1.init_prototypes=target_labels`: the true class means of `target` (a bound: it reads the labels UDA lacks)."
+    means = true_class_means(model, target, device=device)
+    if not has_prototype(means).any():
+        raise ValueError("stage1.init_prototypes=target_labels: the target training images have no labels; "
+                         "the true class means need them (use compute)")
+    return means
+
 SYNTHCITY_STAGE1_ITERS = 250            # about a minute and a half on two cores
 SYNTHCITY_TIME_CONSTANTS = stage1_time_constants(SYNTHCITY_STAGE1_ITERS)   # 0.905 and 0.779
 
@@ -148,7 +162,11 @@ class Stage1(Stage):
         self.uses_prototypes = s.denoise or s.gamma1 > 0
         if not self.uses_prototypes: self.prototypes = None
         elif getattr(self, "init_prototypes", None) is not None: self.prototypes = self.init_prototypes.float().to(env.device)
-        else: self.prototypes = initial_prototypes(model, target, device=env.device, distributed=env.distributed)
+        elif s.init_prototypes == "target_labels": self.prototypes = labelled_prototypes(model, target, env.device)
+        else:
+            thresholds = cbst_thresholds(self.store, s.proto_init_portion) if s.proto_init_portion < 1 else None
+            self.prototypes = initial_prototypes(model, target, device=env.device, distributed=env.distributed,
+                                                 thresholds=thresholds)
         self.start_prototypes = None if self.prototypes is None else self.prototypes.clone()
         self.diagnostics = {}
         self.ema_model = create_ema_model(model)
@@ -268,3 +286,17 @@ def grades(self:Stage1, target:dict, t_feats:Tensor, labels:Tensor) -> dict:
         both = has_prototype(self.prototypes) & has_prototype(self.start_prototypes)
         out["prototype_shift"] = (self.prototypes[both] - self.start_prototypes[both]).norm(dim=1).mean()
     return out
+
+# %% ../nbs/12_stage1.ipynb #12glog02
+def read_graded_log(out) -> tuple:
+    "A graded stage-1 run's `out/log.jsonl`: the logged steps that carry grades (a DataFrame by iteration) and its evaluations (a Series)."
+    import json, pandas as pd
+    log = pd.DataFrame([json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()])
+    steps = log.dropna(subset=["label_acc_offline"]).set_index("iteration") if "label_acc_offline" in log else log.iloc[:0]
+    val = log.dropna(subset=["val_miou"]).set_index("iteration")["val_miou"] if "val_miou" in log else pd.Series(dtype=float)
+    return steps, val
+
+def graded_summary(steps) -> dict:
+    "The share of labels right offline and rectified, and the share relabelled, in percent, averaged over the graded `steps`."
+    return {"offline": 100 * steps.label_acc_offline.mean(), "rectified": 100 * steps.label_acc_rectified.mean(),
+            "relabelled": 100 * steps.label_changed.mean()}

@@ -75,3 +75,22 @@ def test_the_pipa_start_chain(tmp_path):
     assert start["pipa"]["init"] == str(tmp_path / "seed0" / "source_only" / "checkpoint.pt")
     config = json.loads((tmp_path / "seed0" / "pipa_pixel_st_sce" / "config.json").read_text())
     assert config["stage1"]["init"] == str(tmp_path / "seed0" / "pipa_pixel" / "checkpoint.pt")   # PiPa's model is its start
+
+
+def test_the_bound_row_keeps_the_true_class_means(tmp_path):
+    "st_sce_pd_true_prototypes starts stage 1 from the warm-up's true class means on the target, and momentum 1 keeps them."
+    from proda_nb.ablation import ablation_base
+    from proda_nb.data import dataset_from_config
+    from proda_nb.models import network_from_checkpoint
+    from proda_nb.prototypes import has_prototype, true_class_means
+    run_cli("--out", tmp_path, "--seeds", "0", "--rows", "st_sce_pd_true_prototypes", *TINY, launcher=ABLATION)
+    seed0 = tmp_path / "seed0"
+    config = json.loads((seed0 / "st_sce_pd_true_prototypes" / "config.json").read_text())["stage1"]
+    assert (config["init_prototypes"], config["proto_momentum"], config["denoise"]) == ("target_labels", 1.0, True)
+    state = torch.load(seed0 / "st_sce_pd_true_prototypes" / "checkpoint.pt", weights_only=True)["stage"]["state"]
+    base = ablation_base(TINY[1::2])
+    warmup = network_from_checkpoint(base.model, seed0 / "warmup" / "checkpoint.pt")
+    means = true_class_means(warmup, dataset_from_config(base.data, "target", "train", "plain"))
+    known = has_prototype(means)
+    torch.testing.assert_close(state["start_prototypes"][known], means[known], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state["prototypes"][known], means[known], rtol=1e-5, atol=1e-5)

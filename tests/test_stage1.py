@@ -193,3 +193,59 @@ def test_checkpoint_of_the_previous_format_still_resumes(tmp_path, init_ckpt):
     a, b = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("full", "cut"))
     assert b["iteration"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     torch.testing.assert_close(a["stage"]["state"]["prototypes"], b["stage"]["state"]["prototypes"], rtol=0, atol=0, equal_nan=True)
+
+
+def _same(a, b):
+    "Equal rows where both have a prototype, NaN rows in the same places."
+    from proda_nb.prototypes import has_prototype
+    assert torch.equal(has_prototype(a), has_prototype(b))
+    torch.testing.assert_close(a[has_prototype(a)], b[has_prototype(b)], rtol=1e-5, atol=1e-5)
+
+
+def test_true_class_means_as_frozen_prototypes(tmp_path, init_ckpt):
+    "init_prototypes=target_labels starts from the true class means of the init model; momentum 1 keeps them."
+    from proda_nb.models import network_from_checkpoint
+    from proda_nb.prototypes import true_class_means, has_prototype
+    tr = _trainer(tmp_path, init_ckpt, init_prototypes="target_labels", proto_momentum=1.0)
+    means = true_class_means(network_from_checkpoint(tr.cfg.model, init_ckpt), tr.datasets["target"])
+    _same(tr.stage.prototypes, means)
+    start = tr.stage.prototypes.clone()
+    tr.fit()
+    kept = has_prototype(start)                        # a class with no true pixel may take a batch mean once
+    torch.testing.assert_close(tr.stage.prototypes[kept], start[kept], rtol=0, atol=0)
+
+
+def test_confident_portion_uses_cbst_thresholds_of_the_offline_labels(tmp_path, init_ckpt):
+    from proda_nb.models import network_from_checkpoint
+    from proda_nb.prototypes import initial_prototypes
+    from proda_nb.pseudo_labels import cbst_thresholds
+    tr = _trainer(tmp_path, init_ckpt, proto_init_portion=0.5)
+    model, target = network_from_checkpoint(tr.cfg.model, init_ckpt), tr.datasets["target"]
+    _same(tr.stage.prototypes, initial_prototypes(model, target, thresholds=cbst_thresholds(tr.stage.store, 0.5)))
+    every_pixel = initial_prototypes(model, target)
+    assert not torch.allclose(tr.stage.prototypes.nan_to_num(), every_pixel.nan_to_num())
+
+
+def test_prototype_choices_refuse_what_they_cannot_do(tmp_path, init_ckpt):
+    from proda_nb.engine import build_datasets
+    with pytest.raises(ValueError, match="proto_init_portion must be in"): _trainer(tmp_path / "a", init_ckpt, proto_init_portion=0.0)
+    with pytest.raises(ValueError, match="init_prototypes=checkpoint computes none"):
+        _trainer(tmp_path / "b", init_ckpt, proto_init_portion=0.5, init_prototypes="checkpoint")
+
+    class Unlabelled(torch.utils.data.Dataset):
+        def __init__(self, ds): self.ds = ds
+        def __len__(self): return len(self.ds)
+        def __getitem__(self, i): return {**self.ds[i], "label": torch.full_like(self.ds[i]["label"], 255)}
+    cfg = _trainer(tmp_path / "c", init_ckpt).cfg
+    data = build_datasets(cfg, target_augment="plain")
+    data["target"] = Unlabelled(data["target"])
+    cfg.run.out = str(tmp_path / "d")
+    with pytest.raises(ValueError, match="target training images have no labels"):
+        Trainer(cfg, stage=Stage1(init_prototypes="target_labels"), datasets=data)
+
+
+def test_cli_refuses_a_bad_portion_in_one_line(tmp_path, init_ckpt):
+    r = run_cli("--stage", "stage1", "--stage1.init", init_ckpt, "--stage1.proto_init_portion", "1.5", "--out", tmp_path,
+                *TINY, ok=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "stage1.proto_init_portion" in r.stderr.strip().splitlines()[-1]
